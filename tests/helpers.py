@@ -1,0 +1,29 @@
+"""Small builders shared by tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from lmkit.loader import load_model
+
+
+def make_lora_adapter(path: Path, seed: int, source: str = "tiny-llama") -> Path:
+    """Save a LoRA adapter for `source` whose B matrices are random (so it changes the outputs)."""
+    base = load_model(source).model
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def next_token_logits(loaded, text: str = "hello world") -> torch.Tensor:
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return loaded.model(input_ids=ids).logits[0, -1].float()
