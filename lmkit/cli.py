@@ -1,4 +1,4 @@
-"""`lmkit` command line: run / validate recipes, list and materialize models.
+"""`lmkit` command line: run / validate recipes, serve models, list and materialize models.
 
 User errors (`LmkitError`) print one clear message and exit with status 2; anything else is a bug
 and keeps its traceback.
@@ -58,6 +58,25 @@ def _cmd_materialize(args: argparse.Namespace) -> None:
     print(path)
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import shlex
+
+    from lmkit.loader import materialize
+    from lmkit.serving import ServerProcess, build_command, load_serve_config
+
+    config = load_serve_config(args.config, args.overrides)
+    if args.dry_run:
+        argv, env = build_command(config, materialize(config.model))
+        shown = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in env.items()}
+        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in shown.items()), shlex.join(argv))
+        return
+    server = ServerProcess(config)
+    server.start()
+    names = [config.served_model_name] + [a.name for a in config.model.adapters]
+    console.print(f"[green]Serving[/] {', '.join(names)} at {config.base_url}/v1 (Ctrl-C stops it).")
+    server.wait()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("recipe")
     check.add_argument("overrides", nargs="*")
     check.set_defaults(func=_cmd_validate)
+
+    serve = sub.add_parser("serve", help="serve a model and its adapters with vLLM's OpenAI server")
+    serve.add_argument("config", help="serve/*.yaml")
+    serve.add_argument("overrides", nargs="*", help="e.g. port=8001 engine.max_model_len=4096")
+    serve.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
+    serve.set_defaults(func=_cmd_serve)
 
     models = sub.add_parser("models", help="list model aliases and materialized copies in the cache")
     models.set_defaults(func=_cmd_models)

@@ -27,3 +27,11 @@ def next_token_logits(loaded, text: str = "hello world") -> torch.Tensor:
     ids = loaded.tokenizer(text, return_tensors="pt").input_ids
     with torch.no_grad():
         return loaded.model(input_ids=ids).logits[0, -1].float()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

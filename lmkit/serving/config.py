@@ -1,0 +1,122 @@
+"""`serve/*.yaml`: what `lmkit serve` runs, validated like recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from lmkit.config import StrictModel, apply_overrides, read_yaml, validate
+from lmkit.errors import ConfigError
+from lmkit.loader import AdapterSpec, ModelSpec
+
+
+class EngineConfig(StrictModel):
+    """vLLM engine settings; multi-GPU and multi-node keys are passed straight to vLLM."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int = Field(2048, gt=0)
+    max_num_seqs: int | None = Field(None, gt=0)
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="GPU: share of GPU memory; vLLM-CPU reads it as a share of host RAM"
+    )
+    cpu_kvcache_space_gb: int = Field(1, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU builds")
+    tensor_parallel_size: int = Field(1, gt=0)
+    pipeline_parallel_size: int = Field(1, gt=0)
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
+    seed: int = 0
+    extra_args: list[str] = Field([], description="further vLLM flags, verbatim (e.g. [--enforce-eager])")
+
+
+class ServeConfig(StrictModel):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    served_model_name: str = Field("base", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    api_key_env: str | None = Field(
+        None, description="name of the environment variable holding the API key; unset = no auth"
+    )
+    adapter_dirs: list[Path] = Field(
+        [], description="adapters (static and runtime-loaded) must live inside one of these directories"
+    )
+    runtime_adapters: bool = Field(
+        False, description="enable /v1/load_lora_adapter and /v1/unload_lora_adapter"
+    )
+    max_lora_rank: int = Field(16, gt=0)
+    max_loras: int = Field(4, gt=0, description="adapters batched together at once")
+    vllm_plugins: list[str] = Field([], description="vLLM plugins to load (VLLM_PLUGINS), e.g. pruned models")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    startup_timeout_s: float = Field(600, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.model.quantization != "none":
+            raise ValueError(
+                "serving bitsandbytes models needs vLLM's bnb plugin (vllm-bnb-plugin), which is not part of "
+                "this install; serve the unquantized model (model.quantization: none)"
+            )
+        if self.runtime_adapters and not self.adapter_dirs:
+            raise ValueError(
+                "runtime_adapters needs adapter_dirs: the directories runtime loads may read from"
+            )
+        names = [a.name for a in self.model.adapters]
+        if self.served_model_name in names:
+            raise ValueError(f"served_model_name {self.served_model_name!r} is also an adapter name")
+        return self
+
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(self.model.adapters) or self.runtime_adapters
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def api_key(self) -> str | None:
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ConfigError(
+                f"api_key_env is {self.api_key_env!r} but that environment variable is empty. "
+                f"Fix: export {self.api_key_env}=<key>, or remove api_key_env to serve without auth."
+            )
+        return key
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+
+
+def check_adapter(adapter: AdapterSpec, config: ServeConfig) -> None:
+    """An adapter must be a peft LoRA dir inside `adapter_dirs` (when set) with rank <= max_lora_rank."""
+    if config.adapter_dirs and not _inside(adapter.path, config.adapter_dirs):
+        allowed = ", ".join(str(d) for d in config.adapter_dirs)
+        raise ConfigError(
+            f"Adapter {adapter.name!r} at {adapter.path} is outside adapter_dirs ({allowed}). "
+            "Fix: move it into one of them or add its directory to adapter_dirs."
+        )
+    config_file = adapter.path / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError(
+            f"Adapter {adapter.name!r}: {config_file} not found. Fix: point to a directory written "
+            "by peft's save_pretrained (e.g. <output_dir>/adapter of a training recipe)."
+        )
+    rank = json.loads(config_file.read_text()).get("r", 0)
+    if rank > config.max_lora_rank:
+        raise ConfigError(
+            f"Adapter {adapter.name!r} has rank {rank} > max_lora_rank {config.max_lora_rank}. "
+            f"Fix: set max_lora_rank: {rank} or more."
+        )
+
+
+def load_serve_config(path: str | Path, overrides: list[str] | None = None) -> ServeConfig:
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    config = validate(ServeConfig, data, str(path))
+    for adapter in config.model.adapters:
+        check_adapter(adapter, config)
+    return config
