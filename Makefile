@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Extra pip arguments, e.g. PIP_ARGS="--extra-index-url <PyTorch CPU wheel index>" where
 # torch==2.13.0+cpu is not in a local wheel folder.
 PIP_ARGS ?=
-EXTRAS ?= serve,dev
+EXTRAS ?= serve,eval,dev
 
 .PHONY: setup quickstart test lint clean
 

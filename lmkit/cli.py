@@ -1,4 +1,4 @@
-"""`lmkit` command line: run / validate recipes, serve models, list and materialize models.
+"""`lmkit` command line: run / validate recipes, serve, evaluate and compare, list and materialize models.
 
 User errors (`LmkitError`) print one clear message and exit with status 2; anything else is a bug
 and keeps its traceback.
@@ -77,6 +77,28 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     server.wait()
 
 
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from lmkit.evals.config import load_suite
+    from lmkit.evals.runner import run_suite
+
+    suite = load_suite(args.suite, args.overrides)
+    run_suite(suite)
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lmkit.evals.compare import compare_runs
+
+    runs = [Path(r) for r in args.runs]
+    output = (
+        Path(args.output)
+        if args.output
+        else runs[0].parent / ("compare-" + "-vs-".join(r.name for r in runs))
+    )
+    compare_runs(runs, output)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("overrides", nargs="*", help="e.g. port=8001 engine.max_model_len=4096")
     serve.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
     serve.set_defaults(func=_cmd_serve)
+
+    evaluate = sub.add_parser("eval", help="evaluate a model or endpoint: quality (lm-eval), speed, memory")
+    evaluate.add_argument("suite", help="evals/*.yaml")
+    evaluate.add_argument("overrides", nargs="*", help="e.g. limit=20 target.model.quantization=nf4")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    compare = sub.add_parser("compare", help="put eval runs side by side (table, JSON, plot)")
+    compare.add_argument("runs", nargs="+", help="output directories of lmkit eval runs")
+    compare.add_argument("--output", help="where to write the comparison (default: next to the first run)")
+    compare.set_defaults(func=_cmd_compare)
 
     models = sub.add_parser("models", help="list model aliases and materialized copies in the cache")
     models.set_defaults(func=_cmd_models)

@@ -11,13 +11,14 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 
 from lmkit.config import StrictModel
 from lmkit.errors import ConfigError
 
-Example = dict[str, str]
+Example = dict[str, Any]  # task, input, target (str); optional choices (list[str])
 TaskGenerator = Callable[[random.Random], tuple[str, str]]
 TASKS: dict[str, TaskGenerator] = {}
 
@@ -128,11 +129,13 @@ def _check_record(record: object, where: str) -> Example:
             f"{where}: field(s) {missing} missing or not a non-empty string. "
             "Each record needs string fields input and target (task is optional)."
         )
-    return {
-        "task": str(record.get("task") or "default"),
-        "input": record["input"],
-        "target": record["target"],
-    }
+    row = {"task": str(record.get("task") or "default"), "input": record["input"], "target": record["target"]}
+    if "choices" in record:  # multiple-choice records
+        choices = record["choices"]
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise ConfigError(f"{where}: choices must be a list of at least two strings.")
+        row["choices"] = choices
+    return row
 
 
 def read_examples(path: Path) -> list[Example]:

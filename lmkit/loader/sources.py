@@ -68,10 +68,10 @@ ALIASES: dict[str, Alias] = {
         description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized on load); the default model",
     ),
     "tiny-llama": TinyModel(
-        build_tiny_llama, "2-layer Llama, hidden 64, byte tokenizer; seeded random weights"
+        build_tiny_llama, "2-layer Llama, hidden 128, byte tokenizer; seeded random weights", revision=2
     ),
     "tiny-llava": TinyModel(
-        build_tiny_llava, "LLaVA-style: tiny CLIP tower (16 patches) + tiny Llama; random", revision=2
+        build_tiny_llava, "LLaVA-style: tiny CLIP tower (16 patches) + tiny Llama; random", revision=3
     ),
 }
 

@@ -99,9 +99,13 @@ def check_port_free(host: str, port: int) -> None:
 class ServerProcess:
     """A running vLLM server: start (blocks until /health answers 200), stop (graceful, then kill)."""
 
-    def __init__(self, config: ServeConfig, log_path: Path | None = None) -> None:
+    def __init__(
+        self, config: ServeConfig, log_path: Path | None = None, argv: list[str] | None = None
+    ) -> None:
+        """`argv` replaces the command built from `config` (benchmarks launch plain vLLM this way)."""
         self.config = config
         self.log_path = log_path
+        self.argv = argv
         self.process: subprocess.Popen | None = None
         self._log: IO[str] | None = None
 
@@ -109,6 +113,7 @@ class ServerProcess:
         check_port_free(self.config.host, self.config.port)
         model_dir = materialize(self.config.model)
         argv, extra_env = build_command(self.config, model_dir)
+        argv = self.argv or argv
         if self.log_path is not None:  # else vLLM logs to this process's stdout/stderr
             self._log = self.log_path.open("w")  # noqa: SIM115  (open for the server's lifetime)
         self.process = subprocess.Popen(
