@@ -24,9 +24,12 @@ def write_report(
     headers: list[str],
     rows: list[list[Any]],
     notes: list[str] | None = None,
-    console: Console | None = None,
+    final_dir: Path | None = None,
 ) -> None:
-    """`results.json` (everything) and `summary.md` (title, table, notes); prints the table too."""
+    """`results.json` (everything) and `summary.md` (title, table, notes); prints the table too.
+
+    `final_dir` is where the files end up when `output_dir` is a temp dir swapped in afterwards.
+    """
     write_json_atomic(output_dir / "results.json", results)
     body = [f"# {title}", "", markdown_table(headers, rows), ""] + [f"- {n}" for n in notes or []]
     write_text_atomic(output_dir / "summary.md", "\n".join(body) + "\n")
@@ -35,8 +38,9 @@ def write_report(
         table.add_column(header)
     for row in rows:
         table.add_row(*(str(c) for c in row))
-    console = console or Console()
+    console = Console()
     console.print(table)
     for note in notes or []:
         console.print(f"- {note}")
-    console.print(f"Results: {output_dir / 'results.json'}, summary: {output_dir / 'summary.md'}")
+    shown = final_dir or output_dir
+    console.print(f"Results: {shown / 'results.json'}, summary: {shown / 'summary.md'}")

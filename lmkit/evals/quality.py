@@ -21,6 +21,7 @@ from lmkit.evals.config import EvalSuite, LocalTask, load_local_task
 from lmkit.io import write_jsonl_atomic, write_text_atomic
 from lmkit.loader import LoadedModel, materialize
 
+NOT_METRICS = {"alias", "sample_len", "sample_count"}  # bookkeeping lm-eval reports beside metrics
 STOP_SEQUENCES = ["\n", "<|im_end|>", "<|endoftext|>"]
 
 
@@ -182,7 +183,7 @@ def metric_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for task, metrics in sorted(results.items()):
         for key, value in metrics.items():
-            if key == "alias" or "_stderr" in key or not isinstance(value, int | float):
+            if key in NOT_METRICS or "_stderr" in key or not isinstance(value, int | float):
                 continue
             metric, _, filter_name = key.partition(",")
             stderr = metrics.get(f"{metric}_stderr,{filter_name}")

@@ -93,7 +93,9 @@ def run_suite(suite: EvalSuite) -> dict[str, Any]:
     results["rows"] = rows
 
     def fill(out: Path) -> None:
-        write_report(out, f"lmkit eval: {results['target']}", results, HEADERS, rows)
+        write_report(
+            out, f"lmkit eval: {results['target']}", results, HEADERS, rows, final_dir=suite.output_dir
+        )
         write_text_atomic(out / "suite.resolved.yaml", to_yaml(suite))
         if samples:
             write_jsonl_atomic(out / "samples.jsonl", samples)
