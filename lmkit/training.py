@@ -92,8 +92,11 @@ class Trainer:
         collate: Callable[[list[dict]], dict],
         config: TrainConfig,
         output_dir: Path,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
+        """`on_step(step)` runs before each optimizer step (e.g. to drive a loss-weight schedule)."""
         self.config, self.output_dir, self.rows, self.collate = config, output_dir, rows, collate
+        self.on_step = on_step
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision
         )
@@ -184,6 +187,8 @@ class Trainer:
             bar = progress.add_task("train", total=cfg.max_steps, completed=self.step, loss="-")
             try:
                 while self.step < cfg.max_steps:
+                    if self.on_step is not None:
+                        self.on_step(self.step)
                     window = order[self.step * per_step : (self.step + 1) * per_step]
                     mine = window[acc.process_index :: acc.num_processes]
                     losses = []
