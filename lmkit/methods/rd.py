@@ -62,6 +62,7 @@ class RDRecipe(Recipe):
     """`model` is the frozen teacher; `student` is any smaller causal LM (own tokenizer and width)."""
 
     method: Literal["rd"]
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(dtype="bfloat16"))  # the frozen teacher
     teacher: EncoderSection = Field(default_factory=EncoderSection)
     student: StudentSection = Field(default_factory=StudentSection)
     labels: list[str] | None = Field(

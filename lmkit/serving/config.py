@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -53,10 +54,10 @@ class ServeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
-        if self.model.quantization != "none":
+        if self.model.quantization == "int8":
             raise ValueError(
-                "serving bitsandbytes models needs vLLM's bnb plugin (vllm-bnb-plugin), which is not part of "
-                "this install; serve the unquantized model (model.quantization: none)"
+                "vLLM quantizes with bitsandbytes in flight to 4-bit only; use model.quantization: nf4 "
+                "(or none)"
             )
         if self.runtime_adapters and not self.adapter_dirs:
             raise ValueError(
@@ -85,6 +86,16 @@ class ServeConfig(StrictModel):
                 f"Fix: export {self.api_key_env}=<key>, or remove api_key_env to serve without auth."
             )
         return key
+
+
+def check_bnb_plugin(config: ServeConfig) -> None:
+    """vLLM moved bitsandbytes out of its core (v0.28) into the vllm-bnb-plugin package."""
+    if config.model.quantization == "nf4" and importlib.util.find_spec("vllm_bnb_plugin") is None:
+        raise ConfigError(
+            "model.quantization: nf4 needs vLLM's bitsandbytes plugin. Fix: pip install --no-deps "
+            "vllm-bnb-plugin==0.0.3 (make setup does; --no-deps because it lists the CUDA vllm), or set "
+            "model.quantization: none."
+        )
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
@@ -117,6 +128,7 @@ def check_adapter(adapter: AdapterSpec, config: ServeConfig) -> None:
 def load_serve_config(path: str | Path, overrides: list[str] | None = None) -> ServeConfig:
     data = apply_overrides(read_yaml(path), list(overrides or []))
     config = validate(ServeConfig, data, str(path))
+    check_bnb_plugin(config)
     for adapter in config.model.adapters:
         check_adapter(adapter, config)
     return config

@@ -60,6 +60,8 @@ def build_command(config: ServeConfig, model_dir: Path) -> tuple[list[str], dict
         argv += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
     if engine.distributed_executor_backend is not None:
         argv += ["--distributed-executor-backend", engine.distributed_executor_backend]
+    if config.model.quantization == "nf4":
+        argv += ["--quantization", "bitsandbytes"]  # in-flight NF4 through vllm-bnb-plugin
     if config.lora_enabled:
         argv += [
             "--enable-lora",

@@ -1,0 +1,28 @@
+"""Serving the embedded SmolLM2 quantized in flight to NF4 by vLLM's bitsandbytes plugin, on CPU."""
+
+import openai
+import pytest
+from helpers import free_port
+from test_serving_live import DEFAULT_SERVE_CONFIG
+
+from lmkit.serving import ServerProcess, load_serve_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_nf4_model_serves_and_answers(tmp_path):
+    config = load_serve_config(
+        DEFAULT_SERVE_CONFIG, [f"port={free_port()}", "model.quantization=nf4", "engine.max_model_len=512"]
+    )
+    log = tmp_path / "vllm.log"
+    with ServerProcess(config, log_path=log):
+        client = openai.OpenAI(base_url=f"{config.base_url}/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(
+            model="smollm2",
+            temperature=0,
+            max_tokens=16,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
+        assert "Paris" in reply.choices[0].message.content
+    text = log.read_text()
+    assert "'quantization': 'bitsandbytes'" in text and "BitsAndBytesModelLoader" in text
