@@ -76,6 +76,12 @@ def _uppercase(rng: random.Random) -> tuple[str, str]:
     return f"Write this in capital letters: {text}", text.upper()
 
 
+@register_task("reverse_words")
+def _reverse_words(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(["apple", "bridge", "candle", "desert", "falcon", "garden", "island", "jungle"], 3)
+    return f"Reverse the order of these words: {' '.join(words)}", " ".join(reversed(words))
+
+
 def generate_examples(tasks: list[str], size: int, seed: int) -> list[Example]:
     """`size` examples cycling through `tasks`, reproducible from `seed`."""
     rng = random.Random(seed)

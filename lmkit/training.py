@@ -93,10 +93,12 @@ class Trainer:
         config: TrainConfig,
         output_dir: Path,
         on_step: Callable[[int], None] | None = None,
+        before_optimizer_step: Callable[[], None] | None = None,
     ) -> None:
-        """`on_step(step)` runs before each optimizer step (e.g. to drive a loss-weight schedule)."""
+        """`on_step(step)` runs at the start of each step (e.g. to drive a loss-weight schedule);
+        `before_optimizer_step()` runs after the gradients are complete (e.g. to drop unused ones)."""
         self.config, self.output_dir, self.rows, self.collate = config, output_dir, rows, collate
-        self.on_step = on_step
+        self.on_step, self.before_optimizer_step = on_step, before_optimizer_step
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision
         )
@@ -203,6 +205,8 @@ class Trainer:
                         with acc.accumulate(self.model):
                             loss = self.model(**batch).loss
                             acc.backward(loss)
+                            if self.before_optimizer_step is not None and acc.sync_gradients:
+                                self.before_optimizer_step()
                             self.optimizer.step()
                             self.scheduler.step()
                             self.optimizer.zero_grad()

@@ -25,12 +25,13 @@ def adapter_root(tmp_path_factory) -> Path:
 
 
 def test_default_config_maps_to_vllm_flags(adapter_root):
+    a = adapter_root / "a"
     config = load_serve_config(
         DEFAULT,
         [
             "model.source=tiny-llama",
             f"adapter_dirs=[{adapter_root}]",
-            f"model.adapters=[{{name: a, path: {adapter_root / 'a'}}}]",
+            f"model.adapters=[{{name: a, path: {a}}}, {{name: b, path: {a}}}]",
             "engine.tensor_parallel_size=2",
             "engine.distributed_executor_backend=ray",
             "engine.extra_args=[--enforce-eager]",
@@ -41,7 +42,8 @@ def test_default_config_maps_to_vllm_flags(adapter_root):
     joined = " ".join(argv)
     assert "-m vllm.entrypoints.openai.api_server --model /models/x" in joined
     assert "--served-model-name smollm2" in joined
-    assert f"--enable-lora --max-lora-rank 16 --max-loras 4 --lora-modules a={adapter_root / 'a'}" in joined
+    lora = f"--enable-lora --max-lora-rank 16 --max-loras 4 --lora-modules a={a} b={a}"
+    assert lora in joined and argv.count("--lora-modules") == 1  # vLLM keeps only the last repeated flag
     assert "--tensor-parallel-size 2" in joined and "--distributed-executor-backend ray" in joined
     assert argv[-1] == "--enforce-eager"
     assert "--middleware lmkit.serving.guard.AdapterPathGuard" in joined

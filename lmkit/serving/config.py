@@ -32,6 +32,14 @@ class EngineConfig(StrictModel):
     extra_args: list[str] = Field([], description="further vLLM flags, verbatim (e.g. [--enforce-eager])")
 
 
+class MoLARouterSpec(StrictModel):
+    """An exported MoLA-Router (`<output_dir>/variants/mola_router` of a mola recipe), served as `name`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    path: Path
+    buckets: int = Field(10, ge=1, le=100, description="gates are rounded to multiples of 1/buckets")
+
+
 class ServeConfig(StrictModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     served_model_name: str = Field("base", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -49,6 +57,7 @@ class ServeConfig(StrictModel):
     max_lora_rank: int = Field(16, gt=0)
     max_loras: int = Field(4, gt=0, description="adapters batched together at once")
     vllm_plugins: list[str] = Field([], description="vLLM plugins to load (VLLM_PLUGINS), e.g. pruned models")
+    mola_routers: list[MoLARouterSpec] = Field([], description="MoLA-Router models, routed per request")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     startup_timeout_s: float = Field(600, gt=0)
 
@@ -70,7 +79,7 @@ class ServeConfig(StrictModel):
 
     @property
     def lora_enabled(self) -> bool:
-        return bool(self.model.adapters) or self.runtime_adapters
+        return bool(self.model.adapters) or self.runtime_adapters or bool(self.mola_routers)
 
     @property
     def base_url(self) -> str:
@@ -125,10 +134,32 @@ def check_adapter(adapter: AdapterSpec, config: ServeConfig) -> None:
         )
 
 
+def check_router(spec: MoLARouterSpec, config: ServeConfig) -> None:
+    meta_file = spec.path / "router" / "router.json"
+    if not meta_file.is_file() or not (spec.path / "experts").is_dir():
+        raise ConfigError(
+            f"mola_routers {spec.name!r}: {spec.path} is not an exported MoLA-Router. Fix: point to "
+            "<output_dir>/variants/mola_router of a mola recipe run."
+        )
+    meta = json.loads(meta_file.read_text())
+    names = meta["experts"] + (["shared"] if meta["shared"] == "lora" else [])
+    rank = sum(
+        json.loads((spec.path / "experts" / n / "adapter_config.json").read_text())["r"] for n in names
+    )
+    if rank > config.max_lora_rank:
+        raise ConfigError(
+            f"mola_routers {spec.name!r}: its merged adapter has rank {rank} (all experts "
+            f"concatenated) > max_lora_rank {config.max_lora_rank}. Fix: set max_lora_rank to a vLLM "
+            f"rank >= {rank} (8, 16, 32, 64, 128, 256, 320, 512)."
+        )
+
+
 def load_serve_config(path: str | Path, overrides: list[str] | None = None) -> ServeConfig:
     data = apply_overrides(read_yaml(path), list(overrides or []))
     config = validate(ServeConfig, data, str(path))
     check_bnb_plugin(config)
     for adapter in config.model.adapters:
         check_adapter(adapter, config)
+    for router in config.mola_routers:
+        check_router(router, config)
     return config

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lmkit.serving.asgi import json_error, read_body, replayer
+
 ALLOWED_DIRS_ENV = "LMKIT_ADAPTER_DIRS"
 GUARDED = {"/v1/load_lora_adapter": "lora_path", "/adapters": "src"}
 
@@ -37,32 +39,15 @@ class AdapterPathGuard:
         if field is None or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         try:
             requested = json.loads(body or b"{}").get(field)
         except (json.JSONDecodeError, AttributeError):
             requested = None  # let vLLM report the malformed body itself
         else:
             if not path_allowed(requested, self.roots):
-                await self._reject(send, requested)
+                allowed = ", ".join(str(r) for r in self.roots) or "(none configured)"
+                message = f"adapter path {requested!r} is outside the allowed adapter directories: {allowed}"
+                await json_error(send, 403, "PermissionDenied", message)
                 return
-
-        async def replay() -> dict:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _reject(self, send: Any, requested: object) -> None:
-        allowed = ", ".join(str(r) for r in self.roots) or "(none configured)"
-        message = f"adapter path {requested!r} is outside the allowed adapter directories: {allowed}"
-        payload = json.dumps(
-            {"error": {"message": message, "type": "PermissionDenied", "code": 403}}
-        ).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        await send({"type": "http.response.start", "status": 403, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await self.app(scope, replayer(body, receive), send)

@@ -6,6 +6,7 @@ metadata for `vllm` and crashes. The module entry point works on both the CPU an
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -21,9 +22,11 @@ from lmkit.errors import LmkitError
 from lmkit.loader import materialize
 from lmkit.serving.config import ServeConfig
 from lmkit.serving.guard import ALLOWED_DIRS_ENV
+from lmkit.serving.mola_routing import ROUTERS_ENV
 
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 GUARD = "lmkit.serving.guard.AdapterPathGuard"
+ROUTING = "lmkit.serving.mola_routing.MoLARouting"
 
 
 def build_command(config: ServeConfig, model_dir: Path) -> tuple[list[str], dict[str, str]]:
@@ -70,15 +73,31 @@ def build_command(config: ServeConfig, model_dir: Path) -> tuple[list[str], dict
             "--max-loras",
             str(config.max_loras),
         ]
-        for adapter in config.model.adapters:
-            argv += ["--lora-modules", f"{adapter.name}={adapter.path.resolve()}"]
+        if config.model.adapters:  # one flag, several values: a repeated flag keeps only the last
+            argv += ["--lora-modules", *(f"{a.name}={a.path.resolve()}" for a in config.model.adapters)]
+    if config.mola_routers:
+        argv += ["--middleware", ROUTING]
     argv += engine.extra_args
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kvcache_space_gb),
-        ALLOWED_DIRS_ENV: os.pathsep.join(str(d.resolve()) for d in config.adapter_dirs),
+        ALLOWED_DIRS_ENV: os.pathsep.join(
+            str(d.resolve()) for d in [*config.adapter_dirs, *(r.path for r in config.mola_routers)]
+        ),
     }
-    if config.runtime_adapters:
+    if config.runtime_adapters or config.mola_routers:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if config.mola_routers:
+        host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
+        env[ROUTERS_ENV] = json.dumps(
+            {
+                "server": f"http://{host}:{config.port}",
+                "model_dir": str(model_dir),
+                "routers": [
+                    {"name": r.name, "path": str(r.path.resolve()), "buckets": r.buckets}
+                    for r in config.mola_routers
+                ],
+            }
+        )
     if config.vllm_plugins:
         env["VLLM_PLUGINS"] = ",".join(config.vllm_plugins)
     key = config.api_key()

@@ -1,0 +1,172 @@
+"""MoLA on the tiny model: gradient isolation, router gates, TwD, export round-trip, data errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lmkit.data import generate_examples
+from lmkit.errors import ConfigError
+from lmkit.generation import encode_for_training, format_prompt
+from lmkit.loader import ModelSpec, load_model
+from lmkit.methods.mola import collate
+from lmkit.mola.export import adapter_for_gates, export_mola
+from lmkit.mola.model import SHARED, MoLAModel, MoLASettings, twd_loss
+from lmkit.recipes import load_recipe, run_recipe
+
+TASKS = ["sentiment", "uppercase", "arithmetic", "reverse_words"]
+
+
+def make_model(variant: str, shared: str = "lora") -> tuple[MoLAModel, object]:
+    torch.manual_seed(0)
+    loaded = load_model("tiny-llama")
+    settings = MoLASettings(
+        variant, TASKS, shared=shared, r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj")
+    )
+    model = MoLAModel(loaded.model, settings)
+    with torch.no_grad():  # non-zero B so every expert changes the output
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    return model, loaded.tokenizer
+
+
+def batch_for(tokenizer, tasks: list[str], size: int = 8) -> dict:
+    examples = [e for e in generate_examples(TASKS, 64, seed=5) if e["task"] in tasks][:size]
+    rows = [{**encode_for_training(tokenizer, e, 128), "task_id": TASKS.index(e["task"])} for e in examples]
+    return collate(rows, tokenizer.pad_token_id)
+
+
+def lora_grads(model: MoLAModel, adapter: str) -> list[torch.Tensor | None]:
+    return [p.grad for n, p in model.named_parameters() if f".{adapter}." in n and "lora_" in n]
+
+
+def test_a_task_batch_trains_only_its_adapter_and_the_shared_one():
+    model, tokenizer = make_model("grad")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**batch_for(tokenizer, ["uppercase"])).loss.backward()
+    for task in TASKS:
+        grads = lora_grads(model, task)
+        assert grads, task
+        if task == "uppercase":
+            assert all(g is not None and g.abs().sum() > 0 for g in grads)
+        else:
+            assert all(g is None or torch.count_nonzero(g) == 0 for g in grads), task
+    assert all(g is not None and g.abs().sum() > 0 for g in lora_grads(model, SHARED))
+    model.release_unrouted_grads()  # what the trainer does before each optimizer step
+    optimizer.step()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param, before[name])
+        expected = ".uppercase." in name or f".{SHARED}." in name
+        assert changed == expected, name
+
+
+def test_router_gates_are_a_distribution_per_sample():
+    model, tokenizer = make_model("router")
+    out = model(**batch_for(tokenizer, TASKS))
+    assert out.gates.shape == (8, len(TASKS))
+    assert torch.all(out.gates >= 0)
+    torch.testing.assert_close(out.gates.sum(-1), torch.ones(8))
+
+
+def test_twd_decreases_on_separable_tasks():
+    model, tokenizer = make_model("router")
+    batch = batch_for(tokenizer, ["sentiment", "uppercase"], size=16)
+    prompt_mask = batch["attention_mask"] * (batch["labels"] == -100)
+    params = list(model.router.parameters()) + list(model.twd_projection.parameters())
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    losses = []
+    for _ in range(40):
+        _, logits = model.route(batch["input_ids"], prompt_mask, None)
+        loss = twd_loss(logits, batch["task_ids"], model.twd_projection, temperature=1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def _logits(model_or_loaded, tokenizer, text: str, task: str | None = None) -> torch.Tensor:
+    batch = tokenizer([format_prompt(tokenizer, text)], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        if isinstance(model_or_loaded, MoLAModel):
+            task_ids = torch.tensor([TASKS.index(task)]) if task else None
+            return model_or_loaded(batch["input_ids"], batch["attention_mask"], task_ids=task_ids).logits
+        return model_or_loaded.model(**batch).logits
+
+
+def test_grad_export_reloads_as_standard_adapters_with_identical_logits(tmp_path):
+    model, tokenizer = make_model("grad")
+    model.eval()
+    served = export_mola(model, tmp_path)
+    assert set(served) == set(TASKS)
+    for task in ("sentiment", "reverse_words"):
+        reloaded = load_model(ModelSpec(source="tiny-llama", adapters=[{"name": task, "path": served[task]}]))
+        text = "Write this in capital letters: river stone"
+        torch.testing.assert_close(
+            _logits(reloaded, tokenizer, text), _logits(model, tokenizer, text, task), rtol=1e-4, atol=1e-5
+        )
+        assert json.loads((Path(served[task]) / "adapter_config.json").read_text())["r"] == 8  # task + shared
+
+
+def test_router_mixture_equals_one_concatenated_adapter(tmp_path):
+    model, tokenizer = make_model("router")
+    model.eval()
+    export_mola(model, tmp_path)
+    text = "What is 3 plus 4? Answer with the number only."
+    reference = _logits(model, tokenizer, text)
+    gates = model._gates[0].tolist()
+    merged = adapter_for_gates(tmp_path / "experts", TASKS, gates, shared=True, target=tmp_path / "merged")
+    reloaded = load_model(ModelSpec(source="tiny-llama", adapters=[{"name": "mix", "path": merged}]))
+    torch.testing.assert_close(_logits(reloaded, tokenizer, text), reference, rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "router" / "router.safetensors").is_file()
+
+
+def mola_recipe(tmp_path: Path, data: dict, **mola) -> Path:
+    path = tmp_path / "mola.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "method": "mola",
+                "model": "tiny-llama",
+                "data": data,
+                "output_dir": str(tmp_path / "out"),
+                "mola": {"r": 4, "target_modules": ["q_proj", "v_proj"], "max_new_tokens": 4, **mola},
+                "train": {"max_steps": 2, "batch_size": 4, "save_every": 2},
+            }
+        )
+    )
+    return path
+
+
+def test_recipe_trains_every_variant_and_reports_per_task(tmp_path):
+    results = run_recipe(
+        load_recipe(mola_recipe(tmp_path, {"generate": {"tasks": TASKS, "train_size": 16, "eval_size": 8}}))
+    )
+    assert set(results["exact_match"]) == {"single_lora", "per_task_lora", "mola_grad", "mola_router"}
+    assert set(results["exact_match"]["mola_grad"]) == {*TASKS, "overall"}
+    assert set(results["served_adapters"]["mola_grad"]) == set(TASKS)
+    assert "| reverse_words |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_missing_task_field_is_a_clear_error(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"input": f"q{i}", "target": "a"}) + "\n" for i in range(10)))
+    recipe = load_recipe(mola_recipe(tmp_path, {"train_file": str(data)}, tasks=["a", "b"]))
+    with pytest.raises(ConfigError, match="has no task field"):
+        run_recipe(recipe)
+
+
+def test_unknown_task_is_a_clear_error(tmp_path):
+    recipe = load_recipe(
+        mola_recipe(
+            tmp_path, {"generate": {"tasks": ["sentiment", "uppercase"]}}, tasks=["sentiment", "arithmetic"]
+        )
+    )
+    with pytest.raises(
+        ConfigError, match=r"unknown task 'uppercase'; known tasks: \['sentiment', 'arithmetic'\]"
+    ):
+        run_recipe(recipe)
