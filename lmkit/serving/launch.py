@@ -6,6 +6,7 @@ metadata for `vllm` and crashes. The module entry point works on both the CPU an
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -106,6 +107,13 @@ def build_command(config: ServeConfig, model_dir: Path) -> tuple[list[str], dict
     return argv, env
 
 
+def _stop_with_parent() -> None:
+    """Runs in the child before exec: Linux sends it SIGTERM when the launching process dies,
+    so a killed test run or CLI never leaves an engine behind."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
@@ -143,6 +151,7 @@ class ServerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,
+            preexec_fn=_stop_with_parent,
         )
         self._wait_until_healthy()
         return self
