@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from lmkit.generation import format_prompt
 from lmkit.loader import LoadedModel, ModelSpec, load_model, materialize
 from lmkit.report import write_report
 from lmkit.serving import ServerProcess, load_serve_config
-from lmkit.serving.launch import VLLM_ENTRYPOINT
+from lmkit.serving.launch import vllm_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -78,25 +77,7 @@ def main() -> None:
     raw_config = load_serve_config(args.config, ["port=8102"])
     model_dir = materialize(lmkit_config.model)
     engine = raw_config.engine
-    raw_argv = [
-        sys.executable,
-        "-m",
-        VLLM_ENTRYPOINT,
-        "--model",
-        str(model_dir),
-        "--served-model-name",
-        raw_config.served_model_name,
-        "--host",
-        raw_config.host,
-        "--port",
-        str(raw_config.port),
-        "--dtype",
-        engine.dtype,
-        "--max-model-len",
-        str(engine.max_model_len),
-        "--seed",
-        str(engine.seed),
-    ]
+    raw_argv = vllm_argv(raw_config, model_dir)  # the same engine flags, without lmkit's additions
     logs = Path(args.output)
     logs.mkdir(parents=True, exist_ok=True)
 

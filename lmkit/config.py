@@ -6,6 +6,7 @@ Every config in lmkit (recipes, serve files, eval suites) is a pydantic model wi
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,6 +90,17 @@ def validate(model: type[ModelT], data: dict[str, Any], source: str) -> ModelT:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def secret_from_env(variable: str, key_path: str) -> str:
+    """A secret named by a config key (`api_key_env: NAME`), so keys never sit in YAML files."""
+    value = os.environ.get(variable)
+    if not value:
+        raise ConfigError(
+            f"{key_path} is {variable!r} but that environment variable is empty. "
+            f"Fix: export {variable}=<key>, or remove {key_path}."
+        )
+    return value
 
 
 def to_yaml(model: BaseModel) -> str:

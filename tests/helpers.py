@@ -35,3 +35,23 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def hide_module(monkeypatch, module: str) -> None:
+    """Make `importlib.util.find_spec(module)` report the package as not installed."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == module else real_find_spec(name, *a)
+    )
+
+
+def assert_knows_the_capital_of_france(client, model: str) -> None:
+    reply = client.chat.completions.create(
+        model=model,
+        temperature=0,
+        max_tokens=16,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    assert "Paris" in reply.choices[0].message.content

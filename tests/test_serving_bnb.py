@@ -2,7 +2,7 @@
 
 import openai
 import pytest
-from helpers import free_port
+from helpers import assert_knows_the_capital_of_france, free_port
 from test_serving_live import DEFAULT_SERVE_CONFIG
 
 from lmkit.serving import ServerProcess, load_serve_config
@@ -17,12 +17,6 @@ def test_nf4_model_serves_and_answers(tmp_path):
     log = tmp_path / "vllm.log"
     with ServerProcess(config, log_path=log):
         client = openai.OpenAI(base_url=f"{config.base_url}/v1", api_key="none", max_retries=0)
-        reply = client.chat.completions.create(
-            model="smollm2",
-            temperature=0,
-            max_tokens=16,
-            messages=[{"role": "user", "content": "What is the capital of France?"}],
-        )
-        assert "Paris" in reply.choices[0].message.content
+        assert_knows_the_capital_of_france(client, "smollm2")
     text = log.read_text()
     assert "'quantization': 'bitsandbytes'" in text and "BitsAndBytesModelLoader" in text

@@ -1,13 +1,12 @@
 """Serve config checks, the vLLM command line, and the adapter-path guard: no engine needed."""
 
 import asyncio
-import importlib.util
 import json
 import socket
 from pathlib import Path
 
 import pytest
-from helpers import free_port, make_lora_adapter
+from helpers import free_port, hide_module, make_lora_adapter
 
 from lmkit.errors import ConfigError, LmkitError, ModelSourceError
 from lmkit.serving import ServerProcess, build_command, load_serve_config
@@ -103,12 +102,7 @@ def test_nf4_maps_to_vllm_bitsandbytes_and_needs_the_plugin(monkeypatch):
     config = load_serve_config(DEFAULT, ["model.quantization=nf4"])
     argv, _ = build_command(config, Path("/m"))
     assert " ".join(argv).count("--quantization bitsandbytes") == 1
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "vllm_bnb_plugin" else real_find_spec(name, *a),
-    )
+    hide_module(monkeypatch, "vllm_bnb_plugin")
     with pytest.raises(ConfigError, match="pip install --no-deps vllm-bnb-plugin"):
         load_serve_config(DEFAULT, ["model.quantization=nf4"])
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import free_port, make_lora_adapter
+from helpers import assert_knows_the_capital_of_france, free_port, make_lora_adapter
 
 from lmkit.serving import ServerProcess, load_serve_config
 
@@ -79,13 +79,7 @@ def test_models_lists_the_base_and_each_adapter(client):
 def test_completion_chat_and_streaming(client):
     text = complete(client, "smollm2")
     assert text.strip()
-    chat = client.chat.completions.create(
-        model="smollm2",
-        temperature=0,
-        max_tokens=12,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-    )
-    assert "Paris" in chat.choices[0].message.content
+    assert_knows_the_capital_of_france(client, "smollm2")
     stream = client.completions.create(
         model="smollm2", prompt=PROMPT, max_tokens=12, temperature=0, stream=True
     )

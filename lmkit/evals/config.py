@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lmkit.config import StrictModel, apply_overrides, read_yaml, validate
+from lmkit.config import StrictModel, apply_overrides, read_yaml, secret_from_env, validate
 from lmkit.data import TASKS
-from lmkit.errors import ConfigError
 from lmkit.loader import ModelSpec
 
 
@@ -27,15 +25,11 @@ class EndpointTarget(StrictModel):
     timeout_s: float = Field(300, gt=0)
 
     def api_key(self) -> str:
-        if self.api_key_env is None:
-            return "none"
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise ConfigError(
-                f"target.endpoint.api_key_env is {self.api_key_env!r} but it is unset. "
-                f"Fix: export {self.api_key_env}=<key>."
-            )
-        return key
+        return (
+            "none"
+            if self.api_key_env is None
+            else secret_from_env(self.api_key_env, "target.endpoint.api_key_env")
+        )
 
 
 class Target(StrictModel):

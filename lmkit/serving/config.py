@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lmkit.config import StrictModel, apply_overrides, read_yaml, validate
+from lmkit.config import StrictModel, apply_overrides, read_yaml, secret_from_env, validate
 from lmkit.errors import ConfigError
 from lmkit.loader import AdapterSpec, ModelSpec
 
@@ -86,15 +85,7 @@ class ServeConfig(StrictModel):
         return f"http://{self.host}:{self.port}"
 
     def api_key(self) -> str | None:
-        if self.api_key_env is None:
-            return None
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise ConfigError(
-                f"api_key_env is {self.api_key_env!r} but that environment variable is empty. "
-                f"Fix: export {self.api_key_env}=<key>, or remove api_key_env to serve without auth."
-            )
-        return key
+        return None if self.api_key_env is None else secret_from_env(self.api_key_env, "api_key_env")
 
 
 def check_bnb_plugin(config: ServeConfig) -> None:

@@ -30,10 +30,10 @@ GUARD = "lmkit.serving.guard.AdapterPathGuard"
 ROUTING = "lmkit.serving.mola_routing.MoLARouting"
 
 
-def build_command(config: ServeConfig, model_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """The vLLM argv and the environment additions for `config` serving `model_dir`."""
+def vllm_argv(config: ServeConfig, model_dir: Path) -> list[str]:
+    """Plain vLLM: the model, its name, the address and the engine settings (what a user would type)."""
     engine = config.engine
-    argv = [
+    return [
         sys.executable,
         "-m",
         VLLM_ENTRYPOINT,
@@ -55,9 +55,13 @@ def build_command(config: ServeConfig, model_dir: Path) -> tuple[list[str], dict
         str(engine.tensor_parallel_size),
         "--pipeline-parallel-size",
         str(engine.pipeline_parallel_size),
-        "--middleware",
-        GUARD,
     ]
+
+
+def build_command(config: ServeConfig, model_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """The vLLM argv and the environment additions for `config` serving `model_dir`."""
+    engine = config.engine
+    argv = [*vllm_argv(config, model_dir), "--middleware", GUARD]
     if engine.max_num_seqs is not None:
         argv += ["--max-num-seqs", str(engine.max_num_seqs)]
     if engine.gpu_memory_utilization is not None:
