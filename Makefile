@@ -25,8 +25,10 @@ $(VENV)/.lmkit-installed: pyproject.toml Makefile
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
+# --resume makes a rerun continue (or, when finished, just reload and regenerate) instead of
+# refusing to overwrite the checkpoints of the first run.
 quickstart: setup
-	$(BIN)/lmkit run recipes/quickstart.yaml
+	$(BIN)/lmkit run recipes/quickstart.yaml --resume
 
 test: setup
 	$(BIN)/ruff check lmkit tests
