@@ -9,7 +9,6 @@ from rich.progress import Progress
 from transformers import PreTrainedTokenizerBase
 
 from lmkit.data import Example
-from lmkit.loader import LoadedModel
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
@@ -29,30 +28,39 @@ def encode_for_training(tokenizer: PreTrainedTokenizerBase, example: Example, ma
     return {"input_ids": input_ids, "labels": labels}
 
 
-def pad_batch(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of encoded rows into tensors (labels padded with -100)."""
-    width = max(len(r["input_ids"]) for r in rows)
+def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and the attention mask."""
+    width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        ids[i, :n] = torch.tensor(row["input_ids"])
-        labels[i, :n] = torch.tensor(row["labels"])
-        mask[i, :n] = 1
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def pad_batch(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad encoded rows into tensors (labels padded with -100)."""
+    ids, mask = pad([r["input_ids"] for r in rows], pad_id)
+    labels, _ = pad([r["labels"] for r in rows], -100)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 @torch.inference_mode()
 def generate(
-    loaded: LoadedModel,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     max_new_tokens: int,
     batch_size: int,
     description: str = "generating",
+    per_prompt: dict[str, list[int]] | None = None,
 ) -> list[str]:
-    """Greedy completions for raw user prompts (chat-formatted here), batched with left padding."""
-    tokenizer, model = loaded.tokenizer, loaded.model
+    """Greedy completions for raw user prompts (chat-formatted here), batched with left padding.
+
+    `per_prompt` holds extra integer inputs, one per prompt (e.g. MoLA's `task_ids`), passed batched.
+    """
+    model.eval()
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     outputs: list[str] = []
@@ -61,8 +69,14 @@ def generate(
         for start in range(0, len(prompts), batch_size):
             chunk = [format_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
             batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            extra = {
+                k: torch.tensor(v[start : start + batch_size], device=device)
+                for k, v in (per_prompt or {}).items()
+            }
             generated = model.generate(
-                **batch,
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                **extra,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,

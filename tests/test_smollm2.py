@@ -31,7 +31,9 @@ def reference_logits(smollm2):
 def test_embedded_gguf_answers_a_simple_question(smollm2):
     assert smollm2.source.kind == "embedded-gguf"
     assert type(smollm2.model).__name__ == "LlamaForCausalLM"
-    [answer] = generate(smollm2, ["What is the capital of France?"], max_new_tokens=12, batch_size=1)
+    [answer] = generate(
+        smollm2.model, smollm2.tokenizer, ["What is the capital of France?"], max_new_tokens=12, batch_size=1
+    )
     assert "Paris" in answer
 
 

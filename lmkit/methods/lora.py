@@ -61,7 +61,9 @@ def run(recipe: LoraRecipe, resume: bool) -> dict[str, Any]:
     loaded = load_model(recipe.model)
     base_scores, base_predictions = None, [None] * len(prompts)
     if gen.evaluate_base:
-        base_predictions = generate(loaded, prompts, gen.max_new_tokens, gen.batch_size, "base model")
+        base_predictions = generate(
+            loaded.model, loaded.tokenizer, prompts, gen.max_new_tokens, gen.batch_size, "base model"
+        )
         base_scores = exact_match_by_task(eval_examples, base_predictions)
 
     model = loaded.model
@@ -93,7 +95,9 @@ def run(recipe: LoraRecipe, resume: bool) -> dict[str, Any]:
         update={"adapters": [AdapterSpec(name=recipe.adapter_name, path=adapter_dir)]}
     )
     reloaded = load_model(adapted_spec)
-    predictions = generate(reloaded, prompts, gen.max_new_tokens, gen.batch_size, "adapted model")
+    predictions = generate(
+        reloaded.model, reloaded.tokenizer, prompts, gen.max_new_tokens, gen.batch_size, "adapted model"
+    )
     scores = exact_match_by_task(eval_examples, predictions)
     write_jsonl_atomic(
         out / "samples.jsonl",

@@ -16,7 +16,7 @@ from pydantic import Field
 from lmkit.config import StrictModel
 from lmkit.data import Example, load_data
 from lmkit.errors import ConfigError
-from lmkit.generation import encode_for_training, exact_match_by_task, format_prompt, pad_batch
+from lmkit.generation import encode_for_training, exact_match_by_task, generate, pad_batch
 from lmkit.io import write_jsonl_atomic
 from lmkit.loader import load_model
 from lmkit.mola.export import export_mola
@@ -94,42 +94,6 @@ def task_ids_for(examples: list[Example], tasks: list[str], where: str) -> list[
     return ids
 
 
-@torch.inference_mode()
-def generate_answers(
-    model: MoLAModel,
-    tokenizer,
-    examples: list[Example],
-    task_ids: list[int],
-    max_new_tokens: int,
-    batch_size: int,
-) -> list[str]:
-    model.eval()
-    tokenizer.padding_side = "left"
-    answers: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = tokenizer(
-            [format_prompt(tokenizer, e["input"]) for e in chunk],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        )
-        out = model.generate(
-            batch["input_ids"],
-            batch["attention_mask"],
-            task_ids=torch.tensor(task_ids[start : start + batch_size]),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        answers += [
-            t.strip()
-            for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        ]
-    return answers
-
-
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     batch = pad_batch(rows, pad_id)
     batch["task_ids"] = torch.tensor([r["task_id"] for r in rows])
@@ -168,13 +132,14 @@ def run(recipe: MoLARecipe, resume: bool) -> dict[str, Any]:
         )
         trainer.train(resume=resume)
         eval_route = [0] * len(eval_ids) if variant == "single_lora" else eval_ids
-        answers = generate_answers(
+        answers = generate(
             model,
             loaded.tokenizer,
-            eval_examples,
-            eval_route,
+            [e["input"] for e in eval_examples],
             section.max_new_tokens,
             section.generate_batch_size,
+            variant,
+            per_prompt={"task_ids": eval_route},
         )
         scores[variant] = exact_match_by_task(eval_examples, answers)
         write_jsonl_atomic(

@@ -19,8 +19,9 @@ from pydantic import Field, model_validator
 from lmkit.config import StrictModel
 from lmkit.data import load_data
 from lmkit.errors import ConfigError
+from lmkit.generation import pad
 from lmkit.loader import ModelSpec, load_model
-from lmkit.rd.features import cache_key, encode, load_cached, pad, save_cache, tokenize
+from lmkit.rd.features import cache_key, encode, load_cached, save_cache, tokenize
 from lmkit.rd.model import LMEncoder, LossWeights, StudentDistiller, TeacherProbe, truncate_layers
 from lmkit.rd.student import export_student
 from lmkit.recipes import Recipe, register_method
@@ -143,17 +144,18 @@ def run(recipe: RDRecipe, resume: bool) -> dict[str, Any]:
     key = cache_key(described, texts["train"] + texts["eval"])
     cached = load_cached(out / "teacher_features", key) if rd.cache_teacher_features else None
     if cached is None:
-        cached = {
-            split: encode(teacher, teacher_tok, t, tcfg.max_length, rd.encode_batch_size, f"teacher {split}")[
-                0
-            ]
+        encoded = {
+            split: encode(teacher, teacher_tok, t, tcfg.max_length, rd.encode_batch_size, f"teacher {split}")
             for split, t in texts.items()
         }
+        cached = {split: features for split, (features, _) in encoded.items()}
+        teacher_seconds = encoded["eval"][1]
         if rd.cache_teacher_features:
             save_cache(out / "teacher_features", key, cached, described)
-    _, teacher_seconds = encode(
-        teacher, teacher_tok, texts["eval"], tcfg.max_length, rd.encode_batch_size, "teacher latency"
-    )
+    else:  # features from the cache; time the teacher on the eval set once for the latency ratio
+        _, teacher_seconds = encode(
+            teacher, teacher_tok, texts["eval"], tcfg.max_length, rd.encode_batch_size, "teacher latency"
+        )
     teacher_params = sum(p.numel() for p in teacher.parameters())
     live_teacher = None if rd.cache_teacher_features else teacher.requires_grad_(False)
     if live_teacher is None:

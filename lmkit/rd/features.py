@@ -16,23 +16,13 @@ from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
+from lmkit.generation import pad
 from lmkit.io import write_dir_atomic, write_json_atomic
 from lmkit.rd.model import LMEncoder
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[list[int]]:
     return [tokenizer(t, truncation=True, max_length=max_length).input_ids for t in texts]
-
-
-def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 @torch.inference_mode()

@@ -10,8 +10,9 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from lmkit.errors import ModelSourceError
+from lmkit.generation import pad
 from lmkit.io import write_dir_atomic, write_json_atomic
-from lmkit.rd.features import pad, tokenize
+from lmkit.rd.features import tokenize
 from lmkit.rd.model import LMEncoder, StudentDistiller
 
 

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from lmkit.config import StrictModel, apply_overrides, read_yaml, secret_from_env, validate
 from lmkit.errors import ConfigError
 from lmkit.loader import AdapterSpec, ModelSpec
+from lmkit.serving.guard import path_allowed
 
 
 class EngineConfig(StrictModel):
@@ -98,14 +99,10 @@ def check_bnb_plugin(config: ServeConfig) -> None:
         )
 
 
-def _inside(path: Path, roots: list[Path]) -> bool:
-    resolved = path.resolve()
-    return any(resolved.is_relative_to(root.resolve()) for root in roots)
-
-
 def check_adapter(adapter: AdapterSpec, config: ServeConfig) -> None:
     """An adapter must be a peft LoRA dir inside `adapter_dirs` (when set) with rank <= max_lora_rank."""
-    if config.adapter_dirs and not _inside(adapter.path, config.adapter_dirs):
+    roots = [d.resolve() for d in config.adapter_dirs]
+    if roots and not path_allowed(str(adapter.path), roots):
         allowed = ", ".join(str(d) for d in config.adapter_dirs)
         raise ConfigError(
             f"Adapter {adapter.name!r} at {adapter.path} is outside adapter_dirs ({allowed}). "
