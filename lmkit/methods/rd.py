@@ -28,7 +28,7 @@ from lmkit.recipes import Recipe, register_method
 from lmkit.report import write_report
 from lmkit.training import TrainConfig, Trainer
 
-MIN_CKA_BATCH = 8
+CKA_BATCH_FLOOR = 8  # recipe floor; lmkit.rd.cka.MIN_CKA_BATCH (4) is where CKA stops being defined
 ALL_VARIANTS = ["teacher_probe", "student_ce", "logit_kd", "feature_mse", "rd"]
 
 
@@ -74,10 +74,10 @@ class RDRecipe(Recipe):
 
     @model_validator(mode="after")
     def _check(self) -> RDRecipe:
-        if "rd" in self.rd.variants and self.rd.cka_weight > 0 and self.train.batch_size < MIN_CKA_BATCH:
+        if "rd" in self.rd.variants and self.rd.cka_weight > 0 and self.train.batch_size < CKA_BATCH_FLOOR:
             raise ValueError(
                 f"CKA compares n x n Gram matrices over a batch and needs train.batch_size >= "
-                f"{MIN_CKA_BATCH} (got {self.train.batch_size}); gradient accumulation does not "
+                f"{CKA_BATCH_FLOOR} (got {self.train.batch_size}); gradient accumulation does not "
                 "enlarge it. Fix: raise train.batch_size or set rd.cka_weight: 0"
             )
         if "logit_kd" in self.rd.variants and "teacher_probe" not in self.rd.variants:
