@@ -82,6 +82,24 @@ def _reverse_words(rng: random.Random) -> tuple[str, str]:
     return f"Reverse the order of these words: {' '.join(words)}", " ".join(reversed(words))
 
 
+_NAMES = ["Alice", "Bruno", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Jade", "Kofi", "Lena"]
+_CITIES = ["Lisbon", "Oslo", "Lima", "Seoul", "Cairo", "Quito", "Perth", "Riga"]
+_WEATHER = ["sunny", "windy", "rainy", "cold", "warm", "foggy"]
+
+
+@register_task("retrieval")
+def _retrieval(rng: random.Random) -> tuple[str, str]:
+    """A long context (3 code records among 20 distractor sentences), a blank line, then the question."""
+    names = rng.sample(_NAMES, 3)
+    codes = {name: str(rng.randint(1000, 9999)) for name in names}
+    lines = [f"The code of {name} is {code}." for name, code in codes.items()]
+    lines += [f"In {rng.choice(_CITIES)} the day was {rng.choice(_WEATHER)}." for _ in range(20)]
+    rng.shuffle(lines)
+    asked = rng.choice(names)
+    question = f"What is the code of {asked}? Answer with the number only."
+    return f"{' '.join(lines)}\n\n{question}", codes[asked]
+
+
 def generate_examples(tasks: list[str], size: int, seed: int) -> list[Example]:
     """`size` examples cycling through `tasks`, reproducible from `seed`."""
     rng = random.Random(seed)

@@ -28,14 +28,17 @@ def encode_for_training(tokenizer: PreTrainedTokenizerBase, example: Example, ma
     return {"input_ids": input_ids, "labels": labels}
 
 
-def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded token ids and the attention mask."""
+def pad(
+    rows: list[list[int]] | list[torch.Tensor], pad_id: int, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded token ids and the attention mask: right-padded for training, left for generation."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.as_tensor(row)
+        mask[i, span] = 1
     return ids, mask
 
 
@@ -47,6 +50,45 @@ def pad_batch(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
+def generate_ids(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    description: str = "generating",
+    per_prompt: dict[str, list[int]] | None = None,
+) -> list[str]:
+    """Greedy completions for tokenized prompts, batched with left padding.
+
+    `per_prompt` holds extra integer inputs, one per prompt (e.g. MoLA's `task_ids`), passed batched.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task(description, total=len(rows))
+        for start in range(0, len(rows), batch_size):
+            ids, mask = pad(rows[start : start + batch_size], tokenizer.pad_token_id, left=True)
+            extra = {
+                k: torch.tensor(v[start : start + batch_size], device=device)
+                for k, v in (per_prompt or {}).items()
+            }
+            generated = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                **extra,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = generated[:, ids.shape[1] :]
+            outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            progress.advance(task, len(ids))
+    return outputs
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -56,36 +98,9 @@ def generate(
     description: str = "generating",
     per_prompt: dict[str, list[int]] | None = None,
 ) -> list[str]:
-    """Greedy completions for raw user prompts (chat-formatted here), batched with left padding.
-
-    `per_prompt` holds extra integer inputs, one per prompt (e.g. MoLA's `task_ids`), passed batched.
-    """
-    model.eval()
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    outputs: list[str] = []
-    with Progress(transient=True) as progress:
-        task = progress.add_task(description, total=len(prompts))
-        for start in range(0, len(prompts), batch_size):
-            chunk = [format_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-            batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            extra = {
-                k: torch.tensor(v[start : start + batch_size], device=device)
-                for k, v in (per_prompt or {}).items()
-            }
-            generated = model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                **extra,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new_tokens = generated[:, batch["input_ids"].shape[1] :]
-            outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-            progress.advance(task, len(chunk))
-    return outputs
+    """Greedy completions for raw user prompts (chat-formatted here); see `generate_ids`."""
+    rows = [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
+    return generate_ids(model, tokenizer, rows, max_new_tokens, batch_size, description, per_prompt)
 
 
 def normalize(text: str) -> str:

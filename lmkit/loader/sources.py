@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -72,6 +73,10 @@ ALIASES: dict[str, Alias] = {
     ),
     "tiny-llava": TinyModel(
         build_tiny_llava, "LLaVA-style: tiny CLIP tower (16 patches) + tiny Llama; random", revision=3
+    ),
+    "tiny-llava-576": TinyModel(
+        partial(build_tiny_llava, image_size=96, patch_size=4, vision_layers=4),
+        "LLaVA-style with LLaVA-1.5's 576 image tokens (96px, patch 4, 4 CLIP layers) + tiny Llama; random",
     ),
 }
 

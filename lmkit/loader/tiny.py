@@ -77,16 +77,21 @@ def build_tiny_llama(out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def build_tiny_llava(out_dir: Path) -> None:
-    """A LLaVA-style model: CLIP vision tower (32x32 images, 16 patches) + projector + tiny Llama."""
+def build_tiny_llava(
+    out_dir: Path, image_size: int = 32, patch_size: int = 8, vision_layers: int = 2
+) -> None:
+    """A LLaVA-style model: CLIP vision tower ((image_size / patch_size)^2 patches) + projector + tiny Llama.
+
+    Defaults give 16 image tokens; `tiny-llava-576` uses 96 / 4 -> 576, LLaVA-1.5's count.
+    """
     tokenizer = byte_tokenizer()
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=vision_layers,
         num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
+        image_size=image_size,
+        patch_size=patch_size,
         projection_dim=32,
     )
     config = LlavaConfig(
@@ -99,7 +104,9 @@ def build_tiny_llava(out_dir: Path) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(TINY_SEED)
         model = LlavaForConditionalGeneration(config)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

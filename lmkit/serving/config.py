@@ -12,6 +12,8 @@ from pydantic import Field, model_validator
 from lmkit.config import StrictModel, apply_overrides, read_yaml, secret_from_env, validate
 from lmkit.errors import ConfigError
 from lmkit.loader import AdapterSpec, ModelSpec
+from lmkit.pruning.config import PruneConfig
+from lmkit.pruning.vllm_plugin import VLLM_METHODS
 from lmkit.serving.guard import path_allowed
 
 
@@ -58,6 +60,9 @@ class ServeConfig(StrictModel):
     max_loras: int = Field(4, gt=0, description="adapters batched together at once")
     vllm_plugins: list[str] = Field([], description="vLLM plugins to load (VLLM_PLUGINS), e.g. pruned models")
     mola_routers: list[MoLARouterSpec] = Field([], description="MoLA-Router models, routed per request")
+    prune: PruneConfig | None = Field(
+        None, description="serve a LLaVA-family model with visual tokens pruned (lmkit's vLLM plugin)"
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     startup_timeout_s: float = Field(600, gt=0)
 
@@ -71,6 +76,11 @@ class ServeConfig(StrictModel):
         if self.runtime_adapters and not self.adapter_dirs:
             raise ValueError(
                 "runtime_adapters needs adapter_dirs: the directories runtime loads may read from"
+            )
+        if self.prune is not None and self.prune.method not in VLLM_METHODS:
+            raise ValueError(
+                f"prune.method {self.prune.method!r} cannot be served: fastv prunes inside the LM, which "
+                f"vLLM's paged KV cache rules out. Fix: use one of {', '.join(VLLM_METHODS)}"
             )
         names = [a.name for a in self.model.adapters]
         if self.served_model_name in names:

@@ -21,6 +21,7 @@ from typing import IO
 
 from lmkit.errors import LmkitError
 from lmkit.loader import materialize
+from lmkit.pruning.vllm_plugin import PLUGIN_NAME, pruned_model_dir
 from lmkit.serving.config import ServeConfig
 from lmkit.serving.guard import ALLOWED_DIRS_ENV
 from lmkit.serving.mola_routing import ROUTERS_ENV
@@ -103,8 +104,9 @@ def build_command(config: ServeConfig, model_dir: Path) -> tuple[list[str], dict
                 ],
             }
         )
-    if config.vllm_plugins:
-        env["VLLM_PLUGINS"] = ",".join(config.vllm_plugins)
+    if config.vllm_plugins:  # an allow-list: keep lmkit's own plugin on it when pruning
+        extra = [PLUGIN_NAME] if config.prune and PLUGIN_NAME not in config.vllm_plugins else []
+        env["VLLM_PLUGINS"] = ",".join([*config.vllm_plugins, *extra])
     key = config.api_key()
     if key:
         env["VLLM_API_KEY"] = key  # not on the command line, where `ps` would show it
@@ -145,6 +147,8 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         check_port_free(self.config.host, self.config.port)
         model_dir = materialize(self.config.model)
+        if self.config.prune is not None:
+            model_dir = pruned_model_dir(model_dir, self.config.prune)
         argv, extra_env = build_command(self.config, model_dir)
         argv = self.argv or argv
         if self.log_path is not None:  # else vLLM logs to this process's stdout/stderr

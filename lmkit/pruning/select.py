@@ -1,0 +1,101 @@
+"""Token selection: pure tensor functions shared by the transformers path, the vLLM plugin and text pruning.
+
+Every selector returns `[batch, k]` indices that are unique and sorted, so kept tokens stay in their
+original order (positions and image layout are preserved for the language model).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmkit.errors import ConfigError
+
+
+def attention_map(query: torch.Tensor, key: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Head-averaged softmax(q k^T / sqrt(d)) from projected q, k of shape [B, T, heads*d].
+
+    Recomputed from the projections, so it works whatever attention kernel the model runs (SDPA,
+    flash, vLLM's fused encoders) without asking the model to materialize attention weights.
+    """
+    batch, length, width = query.shape
+    head_dim = width // num_heads
+    q = query.float().view(batch, length, num_heads, head_dim).transpose(1, 2)
+    k = key.float().view(batch, length, num_heads, head_dim).transpose(1, 2)
+    weights = torch.softmax(q @ k.transpose(-1, -2) * head_dim**-0.5, dim=-1)
+    return weights.mean(dim=1)
+
+
+def contribution_degree(attention: torch.Tensor, has_cls: bool) -> torch.Tensor:
+    """How much each token feeds the image's summary: the [CLS] query's attention to it, or, for
+    encoders without [CLS] (SigLIP), the mean attention it receives from all queries."""
+    return attention[:, 0, :] if has_cls else attention.mean(dim=1)
+
+
+def _sorted(indices: torch.Tensor) -> torch.Tensor:
+    return indices.sort(dim=-1).values
+
+
+def random_indices(batch: int, available: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    return _sorted(torch.stack([torch.randperm(available, generator=generator)[:k] for _ in range(batch)]))
+
+
+def uniform_indices(batch: int, available: int, k: int) -> torch.Tensor:
+    """Evenly spaced in raster order; spacing >= 1 keeps the rounded positions distinct."""
+    row = torch.tensor([available // 2]) if k == 1 else torch.linspace(0, available - 1, k).round().long()
+    return row.unsqueeze(0).expand(batch, k).clone()
+
+
+def two_stage(
+    contribution: torch.Tensor, patterns: torch.Tensor, k: int, pivotal_fraction: float
+) -> torch.Tensor:
+    """Pivotal tokens by contribution degree, then complementary tokens by pattern coverage.
+
+    Stage 1 keeps the `round(k * pivotal_fraction)` tokens with the highest contribution (high-level
+    semantics). Stage 2 adds, one at a time, the token whose pattern is least similar (cosine) to
+    every token kept so far (farthest-point selection), so regions the pivotal tokens do not cover
+    keep a representative. With no pivotal budget, the top-contribution token seeds stage 2.
+    """
+    batch, available = contribution.shape
+    seeds = contribution.topk(max(min(k, round(k * pivotal_fraction)), 1), dim=-1).indices
+    kept = torch.zeros(batch, available, dtype=torch.bool, device=contribution.device)
+    kept.scatter_(1, seeds, True)
+    unit = F.normalize(patterns.float(), dim=-1)
+    rows = torch.arange(batch, device=contribution.device)
+    coverage = torch.einsum(
+        "bnd,bkd->bnk", unit, unit.gather(1, seeds[..., None].expand(-1, -1, unit.shape[-1]))
+    )
+    coverage = coverage.amax(dim=-1).masked_fill(kept, float("inf"))
+    for _ in range(k - seeds.shape[1]):
+        chosen = coverage.argmin(dim=-1)
+        kept[rows, chosen] = True
+        similarity = torch.einsum("bnd,bd->bn", unit, unit[rows, chosen])
+        coverage = torch.maximum(coverage, similarity).masked_fill(kept, float("inf"))
+    return kept.nonzero()[:, 1].view(batch, k)
+
+
+def select(
+    method: str,
+    k: int,
+    available: int,
+    batch: int,
+    contribution: torch.Tensor | None = None,
+    patterns: torch.Tensor | None = None,
+    pivotal_fraction: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Indices of the `k` tokens to keep out of `available`, per batch row."""
+    if not 1 <= k <= available:
+        raise ConfigError(f"cannot keep {k} of {available} tokens. Fix: keep between 1 and {available}.")
+    if method == "random":
+        return random_indices(batch, available, k, generator or torch.Generator().manual_seed(0))
+    if method == "uniform":
+        return uniform_indices(batch, available, k)
+    if method == "freepruner":
+        if contribution is None or patterns is None:
+            raise ValueError("freepruner selection needs contribution scores and patterns")
+        return two_stage(contribution, patterns, k, pivotal_fraction)
+    raise ConfigError(
+        f"pruning method {method!r} does not select tokens before the language model. "
+        "Fix: use freepruner, random or uniform here (fastv prunes inside the LM)."
+    )
