@@ -75,8 +75,9 @@ ALIASES: dict[str, Alias] = {
         build_tiny_llava, "LLaVA-style: tiny CLIP tower (16 patches) + tiny Llama; random", revision=3
     ),
     "tiny-llava-576": TinyModel(
-        partial(build_tiny_llava, image_size=96, patch_size=4, vision_layers=4),
-        "LLaVA-style with LLaVA-1.5's 576 image tokens (96px, patch 4, 4 CLIP layers) + tiny Llama; random",
+        partial(build_tiny_llava, image_size=96, patch_size=4, vision_layers=4, text_width=2, text_layers=4),
+        "LLaVA-style, LLaVA-1.5's 576 image tokens (96px, patch 4, 4 CLIP layers) + 4-layer Llama; random",
+        revision=2,
     ),
 }
 

@@ -50,14 +50,15 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _text_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+def _text_config(tokenizer: PreTrainedTokenizerFast, width: int = 1, layers: int = 2) -> LlamaConfig:
+    """`width` scales hidden size (128 * width) and heads; head_dim stays 64."""
     return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        hidden_size=128 * width,
+        intermediate_size=256 * width * 2 ** (width > 1),
+        num_hidden_layers=layers,
+        num_attention_heads=2 * width,
+        num_key_value_heads=width,
         head_dim=64,  # vLLM's CPU attention kernels reject small head sizes (16 fails)
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
@@ -78,11 +79,17 @@ def build_tiny_llama(out_dir: Path) -> None:
 
 
 def build_tiny_llava(
-    out_dir: Path, image_size: int = 32, patch_size: int = 8, vision_layers: int = 2
+    out_dir: Path,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_layers: int = 2,
+    text_width: int = 1,
+    text_layers: int = 2,
 ) -> None:
     """A LLaVA-style model: CLIP vision tower ((image_size / patch_size)^2 patches) + projector + tiny Llama.
 
-    Defaults give 16 image tokens; `tiny-llava-576` uses 96 / 4 -> 576, LLaVA-1.5's count.
+    Defaults give 16 image tokens; `tiny-llava-576` uses 96 / 4 -> 576, LLaVA-1.5's count, and a
+    wider LM so that, as in real LLaVA, the language model dominates prefill cost.
     """
     tokenizer = byte_tokenizer()
     vision = CLIPVisionConfig(
@@ -96,7 +103,7 @@ def build_tiny_llava(
     )
     config = LlavaConfig(
         vision_config=vision,
-        text_config=_text_config(tokenizer),
+        text_config=_text_config(tokenizer, text_width, text_layers),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",

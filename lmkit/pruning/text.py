@@ -30,7 +30,7 @@ class TextPruneConfig(StrictModel):
     method: Literal["freepruner", "random", "uniform", "none"] = "freepruner"
     keep: int | float = Field(0.5, description="context tokens kept: a count, or a ratio in (0, 1]")
     pivotal_fraction: float = Field(0.5, ge=0, le=1)
-    score_layers: int = Field(4, ge=1, description="layers run to score (attention of the last one)")
+    score_layers: int = Field(8, ge=1, description="layers run to score (attention of the last one)")
     pool: int = Field(5, ge=1, description="max-pool width over neighbouring contribution scores (odd)")
     separator: str = "\n\n"
     seed: int = 0

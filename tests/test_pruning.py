@@ -1,0 +1,143 @@
+"""Token pruning: selection invariants, the transformers LLaVA path, FastV, text prompts, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmkit.errors import ConfigError
+from lmkit.loader import load_model
+from lmkit.pruning.config import PruneConfig, keep_count
+from lmkit.pruning.llava import PrunedLlava, shrink_placeholders
+from lmkit.pruning.measure import synthetic_images
+from lmkit.pruning.select import select, two_stage
+from lmkit.pruning.text import TextPruneConfig, prune_prompt
+
+AVAILABLE = 16  # tiny-llava: 32px images, patch 8
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return load_model("tiny-llava")
+
+
+@pytest.fixture(scope="module")
+def inputs(llava):
+    """Two prompts of different lengths, two images of different sizes (the processor resizes)."""
+    processor = llava.processor
+    processor.tokenizer.padding_side = "left"
+    images = synthetic_images(2, 32, seed=3)
+    assert images[0].size != images[1].size
+    texts = ["<image>\nWhat is it?", "Please describe <image> in a few words, then name its main colour."]
+    return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+
+
+@pytest.mark.parametrize("method", ["freepruner", "random", "uniform"])
+@pytest.mark.parametrize("k", [1, 5, 16])
+def test_kept_indices_are_unique_sorted_and_within_budget(method, k):
+    torch.manual_seed(0)
+    contribution, patterns = torch.rand(3, AVAILABLE), torch.rand(3, AVAILABLE, 8)
+    indices = select(method, k, AVAILABLE, 3, contribution, patterns, 0.5, torch.Generator().manual_seed(1))
+    assert indices.shape == (3, k)
+    for row in indices.tolist():
+        assert row == sorted(set(row)) and all(0 <= i < AVAILABLE for i in row)
+
+
+def test_two_stage_keeps_the_pivotal_tokens_then_covers_other_patterns():
+    contribution = torch.tensor([[0.0, 9.0, 8.0, 0.1, 0.2, 0.3]])
+    # tokens 1, 2 and 3 share one pattern; 4 and 5 have their own
+    patterns = torch.tensor([[[1.0, 0, 0], [0, 1, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1], [0.1, 0.1, 1]]])
+    kept = two_stage(contribution, patterns, k=4, pivotal_fraction=0.5)[0].tolist()
+    assert {1, 2} <= set(kept)  # pivotal: the two highest contributions
+    assert 0 in kept and (4 in kept or 5 in kept)  # complementary: patterns not yet covered
+    assert 3 not in kept  # same pattern as the pivotal tokens
+
+
+@pytest.mark.parametrize(
+    "keep, message",
+    [(0, "between 1 and 16"), (17, "between 1 and 16"), (1.5, r"outside \(0, 1\]"), (0.0, r"outside \(0, 1\]"),
+     (-0.25, r"outside \(0, 1\]"), (True, "count or a ratio")],
+)
+def test_bad_budget_is_a_clear_error(keep, message):
+    with pytest.raises(ConfigError, match=message):
+        keep_count(keep, AVAILABLE)
+
+
+def test_ratio_budget_rounds_and_never_drops_to_zero():
+    assert keep_count(0.25, 576) == 144 and keep_count(0.001, 576) == 1 and keep_count(1.0, 576) == 576
+
+
+def test_bad_budget_reaches_the_user_through_the_model_path(llava, inputs):
+    with pytest.raises(ConfigError, match="between 1 and 16"):
+        PrunedLlava(llava.model, PruneConfig(keep=64)).next_token_logits(**inputs)
+
+
+def test_pruning_off_is_identical_to_the_plain_model(llava, inputs):
+    with torch.inference_mode():
+        plain = llava.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        plain_ids = llava.model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    off = PrunedLlava(llava.model, PruneConfig(method="none"))
+    assert torch.equal(off.next_token_logits(**inputs), plain)
+    assert torch.equal(off.generate(**inputs, max_new_tokens=6), plain_ids)
+
+
+@pytest.mark.parametrize("method", ["freepruner", "uniform", "fastv"])
+def test_keeping_every_token_reproduces_the_unpruned_model(llava, inputs, method):
+    reference = PrunedLlava(llava.model, PruneConfig(method="none")).next_token_logits(**inputs)
+    everything = PrunedLlava(llava.model, PruneConfig(method=method, keep=AVAILABLE, fastv_layer=1))
+    torch.testing.assert_close(everything.next_token_logits(**inputs), reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["freepruner", "random", "uniform", "fastv"])
+def test_pruning_changes_the_output_and_shrinks_the_prompt(llava, inputs, method):
+    reference = PrunedLlava(llava.model, PruneConfig(method="none")).next_token_logits(**inputs)
+    pruned = PrunedLlava(llava.model, PruneConfig(method=method, keep=4, fastv_layer=1))
+    logits = pruned.next_token_logits(**inputs)
+    assert logits.shape == reference.shape and not torch.allclose(logits, reference)
+    if method != "fastv":
+        prepared = pruned.prepare(**inputs)
+        image_id = llava.model.config.image_token_id
+        assert (prepared["input_ids"] == image_id).sum(dim=1).tolist() == [4, 4]
+        assert [f.shape[0] for f in prepared["mm_encoder_outputs"]["image"].pooler_output] == [4, 4]
+        assert pruned.generate(**inputs, max_new_tokens=4).shape == (2, 4)
+
+
+def test_batched_pruning_equals_one_image_at_a_time(llava, inputs):
+    pruned = PrunedLlava(llava.model, PruneConfig(method="freepruner", keep=6))
+    batched = pruned.next_token_logits(**inputs)
+    single = llava.processor(images=synthetic_images(2, 32, seed=3)[1:], return_tensors="pt",
+                             text=["Please describe <image> in a few words, then name its main colour."])
+    torch.testing.assert_close(pruned.next_token_logits(**dict(single))[0], batched[1], atol=1e-4, rtol=1e-4)
+
+
+def test_shrink_placeholders_keeps_text_drops_padding_and_left_pads():
+    ids = torch.tensor([[0, 0, 5, 9, 9, 9, 9, 6], [7, 9, 9, 9, 9, 8, 8, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
+    new_ids, new_mask = shrink_placeholders(ids, mask, image_token_id=9, available=4, k=2, pad_id=0)
+    assert new_ids.tolist() == [[0, 0, 5, 9, 9, 6], [7, 9, 9, 8, 8, 8]]
+    assert new_mask.tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    with pytest.raises(ConfigError, match="placeholders"):
+        shrink_placeholders(ids[:, :5], mask[:, :5], 9, 4, 2, 0)
+
+
+def test_fastv_refuses_rows_with_different_image_counts(llava):
+    processor = llava.processor
+    batch = processor(images=synthetic_images(3, 32, seed=0), text=["<image><image> two", "<image> one"],
+                      padding=True, return_tensors="pt")
+    with pytest.raises(ConfigError, match="same number of image tokens"):
+        PrunedLlava(llava.model, PruneConfig(method="fastv", keep=4, fastv_layer=1)).next_token_logits(**dict(batch))
+
+
+def test_text_pruning_keeps_template_and_question_and_cuts_the_context():
+    loaded = load_model("tiny-llama")
+    prompt = "alpha beta gamma delta epsilon zeta eta theta iota kappa\n\nWhich letter comes first?"
+    full = prune_prompt(loaded.model, loaded.tokenizer, prompt, TextPruneConfig(method="none"))
+    for method in ["freepruner", "random", "uniform"]:
+        cut = prune_prompt(loaded.model, loaded.tokenizer, prompt,
+                           TextPruneConfig(method=method, keep=0.5, score_layers=2))
+        assert len(cut.kept_context) == round(full.context_tokens / 2)
+        assert cut.kept_context == sorted(set(cut.kept_context))
+        assert len(cut.input_ids) == len(full.input_ids) - (full.context_tokens - len(cut.kept_context))
+        assert "Which letter comes first?" in loaded.tokenizer.decode(cut.input_ids)
+    with pytest.raises(ConfigError, match="separator"):
+        prune_prompt(loaded.model, loaded.tokenizer, "no question here", TextPruneConfig())
