@@ -55,8 +55,14 @@ def test_two_stage_keeps_the_pivotal_tokens_then_covers_other_patterns():
 
 @pytest.mark.parametrize(
     "keep, message",
-    [(0, "between 1 and 16"), (17, "between 1 and 16"), (1.5, r"outside \(0, 1\]"), (0.0, r"outside \(0, 1\]"),
-     (-0.25, r"outside \(0, 1\]"), (True, "count or a ratio")],
+    [
+        (0, "between 1 and 16"),
+        (17, "between 1 and 16"),
+        (1.5, r"outside \(0, 1\]"),
+        (0.0, r"outside \(0, 1\]"),
+        (-0.25, r"outside \(0, 1\]"),
+        (True, "count or a ratio"),
+    ],
 )
 def test_bad_budget_is_a_clear_error(keep, message):
     with pytest.raises(ConfigError, match=message):
@@ -75,7 +81,9 @@ def test_bad_budget_reaches_the_user_through_the_model_path(llava, inputs):
 def test_pruning_off_is_identical_to_the_plain_model(llava, inputs):
     with torch.inference_mode():
         plain = llava.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()
-        plain_ids = llava.model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+        plain_ids = llava.model.generate(**inputs, max_new_tokens=6, do_sample=False)[
+            :, inputs["input_ids"].shape[1] :
+        ]
     off = PrunedLlava(llava.model, PruneConfig(method="none"))
     assert torch.equal(off.next_token_logits(**inputs), plain)
     assert torch.equal(off.generate(**inputs, max_new_tokens=6), plain_ids)
@@ -105,8 +113,11 @@ def test_pruning_changes_the_output_and_shrinks_the_prompt(llava, inputs, method
 def test_batched_pruning_equals_one_image_at_a_time(llava, inputs):
     pruned = PrunedLlava(llava.model, PruneConfig(method="freepruner", keep=6))
     batched = pruned.next_token_logits(**inputs)
-    single = llava.processor(images=synthetic_images(2, 32, seed=3)[1:], return_tensors="pt",
-                             text=["Please describe <image> in a few words, then name its main colour."])
+    single = llava.processor(
+        images=synthetic_images(2, 32, seed=3)[1:],
+        return_tensors="pt",
+        text=["Please describe <image> in a few words, then name its main colour."],
+    )
     torch.testing.assert_close(pruned.next_token_logits(**dict(single))[0], batched[1], atol=1e-4, rtol=1e-4)
 
 
@@ -122,10 +133,16 @@ def test_shrink_placeholders_keeps_text_drops_padding_and_left_pads():
 
 def test_fastv_refuses_rows_with_different_image_counts(llava):
     processor = llava.processor
-    batch = processor(images=synthetic_images(3, 32, seed=0), text=["<image><image> two", "<image> one"],
-                      padding=True, return_tensors="pt")
+    batch = processor(
+        images=synthetic_images(3, 32, seed=0),
+        text=["<image><image> two", "<image> one"],
+        padding=True,
+        return_tensors="pt",
+    )
     with pytest.raises(ConfigError, match="same number of image tokens"):
-        PrunedLlava(llava.model, PruneConfig(method="fastv", keep=4, fastv_layer=1)).next_token_logits(**dict(batch))
+        PrunedLlava(llava.model, PruneConfig(method="fastv", keep=4, fastv_layer=1)).next_token_logits(
+            **dict(batch)
+        )
 
 
 def test_text_pruning_keeps_template_and_question_and_cuts_the_context():
@@ -133,11 +150,60 @@ def test_text_pruning_keeps_template_and_question_and_cuts_the_context():
     prompt = "alpha beta gamma delta epsilon zeta eta theta iota kappa\n\nWhich letter comes first?"
     full = prune_prompt(loaded.model, loaded.tokenizer, prompt, TextPruneConfig(method="none"))
     for method in ["freepruner", "random", "uniform"]:
-        cut = prune_prompt(loaded.model, loaded.tokenizer, prompt,
-                           TextPruneConfig(method=method, keep=0.5, score_layers=2))
+        cut = prune_prompt(
+            loaded.model, loaded.tokenizer, prompt, TextPruneConfig(method=method, keep=0.5, score_layers=2)
+        )
         assert len(cut.kept_context) == round(full.context_tokens / 2)
         assert cut.kept_context == sorted(set(cut.kept_context))
         assert len(cut.input_ids) == len(full.input_ids) - (full.context_tokens - len(cut.kept_context))
         assert "Which letter comes first?" in loaded.tokenizer.decode(cut.input_ids)
     with pytest.raises(ConfigError, match="separator"):
         prune_prompt(loaded.model, loaded.tokenizer, "no question here", TextPruneConfig())
+
+
+def test_prune_recipe_reports_agreement_and_flops_per_cell(tmp_path):
+    from lmkit.recipes import load_recipe, run_recipe
+
+    recipe = load_recipe(
+        "recipes/prune.yaml",
+        [
+            f"output_dir={tmp_path}",
+            "model.source=tiny-llava",
+            "keeps=[8, 4]",
+            "methods=[freepruner, fastv]",
+            "data.generate.eval_size=4",
+            "image_size=32",
+            "timing_repeats=1",
+            "max_new_tokens=2",
+        ],
+    )
+    results = run_recipe(recipe)
+    assert set(results["cells"]) == {"freepruner@8", "freepruner@4", "fastv@8", "fastv@4"}
+    for name, cell in results["cells"].items():
+        assert cell["lm_flops_ratio"] > 0 and 0 <= cell["top1_match"] <= 1 and cell["kl"] >= 0
+        assert (cell["answer_match"] is None) == name.startswith("fastv")
+    assert (
+        results["cells"]["freepruner@4"]["lm_flops_ratio"]
+        < results["cells"]["freepruner@8"]["lm_flops_ratio"]
+    )
+    assert (tmp_path / "summary.md").is_file() and (tmp_path / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_prune_text_recipe_on_smollm2_keeps_retrieval_working(tmp_path):
+    from lmkit.recipes import load_recipe, run_recipe
+
+    recipe = load_recipe(
+        "recipes/prune_text.yaml",
+        [
+            f"output_dir={tmp_path}",
+            "keeps=[0.5]",
+            "methods=[freepruner]",
+            "data.generate.eval_size=8",
+            "timing_prompts=1",
+            "timing_repeats=1",
+        ],
+    )
+    cells = run_recipe(recipe)["cells"]
+    assert cells["freepruner@0.5"]["prompt_tokens"] < 0.7 * cells["unpruned"]["prompt_tokens"]
+    assert cells["unpruned"]["accuracy"] > 0 and cells["unpruned"]["answer_match"] == 1.0

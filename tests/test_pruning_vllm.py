@@ -1,0 +1,102 @@
+"""lmkit's pruned-LLaVA vLLM plugin on a real vLLM server: budget, agreement with transformers, config."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from lmkit.errors import ConfigError
+from lmkit.loader import load_model
+from lmkit.pruning.config import PruneConfig
+from lmkit.pruning.llava import PrunedLlava
+from lmkit.pruning.measure import synthetic_images
+from lmkit.serving.config import ServeConfig
+from lmkit.serving.launch import ServerProcess
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.slow
+KEEP, AVAILABLE = 4, 16
+PRUNE = {"method": "freepruner", "keep": KEEP}
+
+
+def data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    config = ServeConfig.model_validate(
+        {
+            "model": {"source": "tiny-llava", "dtype": "float32"},
+            "port": free_port(),
+            "engine": {"dtype": "float32", "max_model_len": 256, "extra_args": ["--enforce-eager"]},
+            "prune": PRUNE,
+        }
+    )
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    with ServerProcess(config, log_path=log) as process:
+        yield process
+
+
+def chat(server, images, text: str = "What is it?", max_tokens: int = 5) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in images]
+    body = {
+        "model": "base",
+        "messages": [{"role": "user", "content": [*content, {"type": "text", "text": text}]}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "return_token_ids": True,
+    }
+    response = httpx.post(f"{server.config.base_url}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_each_image_takes_exactly_the_budget_in_the_prompt(server):
+    image_id = load_model("tiny-llava").model.config.image_token_id
+    for count in (1, 2):
+        reply = chat(server, synthetic_images(count, 32, seed=count))
+        assert reply["prompt_token_ids"].count(image_id) == KEEP * count
+
+
+def test_vllm_generates_what_the_transformers_pruned_model_generates(server):
+    loaded = load_model("tiny-llava")
+    pruned = PrunedLlava(loaded.model, PruneConfig(**PRUNE))
+    image_id = loaded.model.config.image_token_id
+    for seed in (0, 1):
+        image = synthetic_images(1, 32, seed=seed)[0]
+        reply = chat(server, [image])
+        ids = []
+        for token in reply["prompt_token_ids"]:  # vLLM's prompt with the full placeholder run restored
+            if token != image_id:
+                ids.append(token)
+            elif not ids or ids[-1] != image_id:
+                ids += [image_id] * AVAILABLE
+        pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        input_ids = torch.tensor([ids])
+        expected = pruned.generate(input_ids, torch.ones_like(input_ids), pixels, max_new_tokens=5)
+        assert reply["choices"][0]["token_ids"] == expected[0].tolist()
+
+
+def test_concurrent_requests_with_different_images_all_complete(server):
+    images = synthetic_images(8, 32, seed=7)
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda image: chat(server, [image], max_tokens=3), images))
+    assert all(r["usage"]["completion_tokens"] == 3 for r in replies)
+
+
+def test_serving_refuses_methods_vllm_cannot_run_and_text_only_models(tmp_path):
+    with pytest.raises(ValueError, match="fastv"):
+        ServeConfig.model_validate({"model": "tiny-llava", "prune": {"method": "fastv"}})
+    from lmkit.loader import materialize
+    from lmkit.pruning.vllm_plugin import pruned_model_dir
+
+    with pytest.raises(ConfigError, match="LLaVA"):
+        pruned_model_dir(materialize("tiny-llama"), PruneConfig())
