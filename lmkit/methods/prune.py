@@ -171,7 +171,7 @@ def run_text(recipe: PruneTextRecipe, resume: bool) -> dict[str, Any]:
     model, tokenizer = loaded.model, loaded.tokenizer
     _, examples = load_data(recipe.data)
     prompts = [e["input"] for e in examples]
-    configs = {"unpruned": recipe.settings.model_copy(update={"method": "none"})}
+    configs = {"unpruned": recipe.settings.model_copy(update={"method": "none", "keep": 1.0})}
     for method in recipe.methods:
         for keep in recipe.keeps:
             configs[f"{method}@{keep}"] = recipe.settings.model_copy(update={"method": method, "keep": keep})
