@@ -47,7 +47,8 @@ class _Stop(Exception):
     """Raised by the hook after the scoring layer: the rest of the forward is not needed."""
 
 
-def _spans(tokenizer, prompt: str, separator: str) -> tuple[str, list[int], tuple[int, int]]:
+def _spans(tokenizer, prompt: str, separator: str) -> tuple[list[int], tuple[int, int]]:
+    """Chat-formatted token ids and the [start, end) token span of the context."""
     if separator not in prompt:
         raise ConfigError(
             f"prompt has no context/question separator {separator!r}. Fix: write prompts as "
@@ -60,7 +61,7 @@ def _spans(tokenizer, prompt: str, separator: str) -> tuple[str, list[int], tupl
     inside = [
         i for i, (a, b) in enumerate(encoded.offset_mapping) if a >= start and b <= start + len(context)
     ]
-    return text, encoded.input_ids, (inside[0], inside[-1] + 1)
+    return encoded.input_ids, (inside[0], inside[-1] + 1)
 
 
 @torch.inference_mode()
@@ -111,7 +112,7 @@ def prune_prompt(
     generator: torch.Generator | None = None,
 ) -> PrunedPrompt:
     """Chat-formatted token ids for `prompt` with its context cut to the budget."""
-    _, ids, (start, end) = _spans(tokenizer, prompt, config.separator)
+    ids, (start, end) = _spans(tokenizer, prompt, config.separator)
     available = end - start
     if config.method == "none":
         return PrunedPrompt(ids, available, list(range(available)))

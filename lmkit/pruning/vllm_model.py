@@ -23,7 +23,12 @@ from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelL
 from vllm.model_executor.models.clip import CLIPVisionModel
 from vllm.model_executor.models.interfaces import SupportsMultiModal
 from vllm.model_executor.models.siglip import SiglipVisionModel
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, init_vllm_registered_model
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    init_vllm_registered_model,
+    maybe_prefix,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageSize, MultiModalDataItems
@@ -173,12 +178,16 @@ class PrunedLlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
                 quant_config=quant_config,
                 num_hidden_layers_override=feature + 1,
                 require_post_norm=False,
-                prefix=f"{prefix}vision_tower" if not prefix else f"{prefix}.vision_tower",
+                prefix=maybe_prefix(prefix, "vision_tower"),
             )
-            self.multi_modal_projector = Projector(config, quant_config, "multi_modal_projector")
+            self.multi_modal_projector = Projector(
+                config, quant_config, maybe_prefix(prefix, "multi_modal_projector")
+            )
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
-                vllm_config=vllm_config, hf_config=config.text_config, prefix="language_model"
+                vllm_config=vllm_config,
+                hf_config=config.text_config,
+                prefix=maybe_prefix(prefix, "language_model"),
             )
         self.layers = (deep, shallow)
         transformer = self.vision_tower.vision_model
