@@ -62,7 +62,8 @@ def test_every_problem_is_reported_once_with_its_key_path(tmp_path):
 
 
 def test_unknown_method_lists_known_methods(tmp_path):
-    with pytest.raises(ConfigError, match=r"method 'nope' is not a known method.*lora, mola, rd"):
+    known = r"method 'nope' is not a known method.*lora, mola, prune, prune_text, rd"
+    with pytest.raises(ConfigError, match=known):
         load_recipe(write_recipe(tmp_path, method="nope"))
 
 
