@@ -87,7 +87,7 @@ def run_visual(recipe: PruneRecipe, resume: bool) -> dict[str, Any]:
     _, eval_examples = load_data(recipe.data)
     batches = _visual_batches(recipe, loaded.processor, [e["input"] for e in eval_examples])
     unpruned = PrunedLlava(loaded.model, recipe.settings.model_copy(update={"method": "none"}))
-    available = unpruned.tokens_per_image(batches[0]["pixel_values"])
+    available = unpruned.available
     cells = {"unpruned": unpruned}
     for method in recipe.methods:
         for keep in recipe.keeps:

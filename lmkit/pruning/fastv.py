@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from lmkit.errors import ConfigError
+from lmkit.pruning.select import gather_tokens
 
 
 @contextmanager
@@ -25,16 +26,6 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_attn_implementation(previous)
-
-
-def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """Keep `index` [batch, kept] along `dim`; a batch-1 tensor (shared positions) is broadcast."""
-    tensor = tensor.expand(index.shape[0], *tensor.shape[1:])
-    shape = [1] * tensor.dim()
-    shape[0], shape[dim] = index.shape
-    target = list(tensor.shape)
-    target[dim] = index.shape[1]
-    return tensor.gather(dim, index.view(shape).expand(target))
 
 
 def fastv_next_token_logits(
@@ -77,18 +68,18 @@ def fastv_next_token_logits(
         index = state["index"]
         hidden = args[0] if args else kwargs.pop("hidden_states")
         if hidden.shape[1] == length:
-            hidden = _gather_tokens(hidden, index, 1)
+            hidden = gather_tokens(hidden, index, 1)
         cos, sin = kwargs["position_embeddings"]
         if cos.shape[1] == length:
-            kwargs["position_embeddings"] = (_gather_tokens(cos, index, 1), _gather_tokens(sin, index, 1))
+            kwargs["position_embeddings"] = (gather_tokens(cos, index, 1), gather_tokens(sin, index, 1))
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.shape[-1] == length:
-            kwargs["attention_mask"] = _gather_tokens(_gather_tokens(mask, index, 2), index, 3)
+            kwargs["attention_mask"] = gather_tokens(gather_tokens(mask, index, 2), index, 3)
         if (
             isinstance(kwargs.get("position_ids"), torch.Tensor)
             and kwargs["position_ids"].shape[-1] == length
         ):
-            kwargs["position_ids"] = _gather_tokens(kwargs["position_ids"], index, 1)
+            kwargs["position_ids"] = gather_tokens(kwargs["position_ids"], index, 1)
         return (hidden, *args[1:]), kwargs
 
     handles = [layers[layer - 1].self_attn.register_forward_hook(score)]

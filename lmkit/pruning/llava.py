@@ -15,7 +15,8 @@ from lmkit.errors import ConfigError
 from lmkit.generation import pad
 from lmkit.pruning.config import PruneConfig, keep_count
 from lmkit.pruning.fastv import fastv_next_token_logits
-from lmkit.pruning.vision import record_outputs, scoring_layers, select_visual
+from lmkit.pruning.select import gather_tokens
+from lmkit.pruning.vision import feature_layout, record_outputs, scoring_layers, select_visual
 
 
 def shrink_placeholders(
@@ -61,7 +62,10 @@ class PrunedLlava:
         self.layers = encoder.layers
         embeddings = tower.vision_model.embeddings if hasattr(tower, "vision_model") else tower.embeddings
         self.has_cls = hasattr(embeddings, "class_embedding")
-        self.leading = 1 if hf.vision_feature_select_strategy == "default" else 0
+        patches = (hf.vision_config.image_size // hf.vision_config.patch_size) ** 2
+        self.available, self.leading = feature_layout(
+            patches, self.has_cls, hf.vision_feature_select_strategy
+        )
         self.num_heads = hf.vision_config.num_attention_heads
         self.deep, self.shallow = scoring_layers(config, hf.vision_feature_layer, len(self.layers))
         self.image_token_id = hf.image_token_id
@@ -86,7 +90,7 @@ class PrunedLlava:
                 return_dict=True,
             ).pooler_output
         stacked = torch.stack(list(features))
-        images, available, width = stacked.shape
+        images, available, _ = stacked.shape
         deep_qk = (recorded["dq"], recorded["dk"]) if recorded else None
         shallow_qk = (recorded["sq"], recorded["sk"]) if recorded else None
         indices = select_visual(
@@ -100,12 +104,7 @@ class PrunedLlava:
             available,
             self.generator,
         )
-        kept = stacked.gather(1, indices.to(stacked.device)[..., None].expand(-1, -1, width))
-        return list(kept)
-
-    def tokens_per_image(self, pixel_values: torch.Tensor) -> int:
-        size = pixel_values.shape[-1] // self.model.config.vision_config.patch_size
-        return size * size + (1 - self.leading) * int(self.has_cls)
+        return list(gather_tokens(stacked, indices))
 
     def prepare(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
@@ -114,9 +113,8 @@ class PrunedLlava:
         if self.config.method in ("none", "fastv"):
             return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
         features = self.encode_images(pixel_values)
-        available = self.tokens_per_image(pixel_values)
         ids, mask = shrink_placeholders(
-            input_ids, attention_mask, self.image_token_id, available, features[0].shape[0], self.pad_id
+            input_ids, attention_mask, self.image_token_id, self.available, features[0].shape[0], self.pad_id
         )
         encoded = BaseModelOutputWithPooling(pooler_output=features)
         return {"input_ids": ids, "attention_mask": mask, "mm_encoder_outputs": {"image": encoded}}
@@ -127,7 +125,6 @@ class PrunedLlava:
     ) -> torch.Tensor:
         """Prefill only: the distribution of the first answer token, [batch, vocab]."""
         if self.config.method == "fastv":
-            available = self.tokens_per_image(pixel_values)
             return fastv_next_token_logits(
                 self.model,
                 input_ids,
@@ -135,8 +132,8 @@ class PrunedLlava:
                 pixel_values,
                 self.image_token_id,
                 self.config.fastv_layer,
-                keep_count(self.config.keep, available),
-                available,
+                keep_count(self.config.keep, self.available),
+                self.available,
             )
         inputs = self.prepare(input_ids, attention_mask, pixel_values)
         return self.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()

@@ -32,6 +32,16 @@ def contribution_degree(attention: torch.Tensor, has_cls: bool) -> torch.Tensor:
     return attention[:, 0, :] if has_cls else attention.mean(dim=1)
 
 
+def gather_tokens(tensor: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Keep `index` [batch, kept] along `dim`; a batch-1 tensor (shared positions) is broadcast."""
+    tensor = tensor.expand(index.shape[0], *tensor.shape[1:])
+    shape = [1] * tensor.dim()
+    shape[0], shape[dim] = index.shape
+    target = list(tensor.shape)
+    target[dim] = index.shape[1]
+    return tensor.gather(dim, index.to(tensor.device).view(shape).expand(target))
+
+
 def _sorted(indices: torch.Tensor) -> torch.Tensor:
     return indices.sort(dim=-1).values
 
@@ -62,9 +72,7 @@ def two_stage(
     kept.scatter_(1, seeds, True)
     unit = F.normalize(patterns.float(), dim=-1)
     rows = torch.arange(batch, device=contribution.device)
-    coverage = torch.einsum(
-        "bnd,bkd->bnk", unit, unit.gather(1, seeds[..., None].expand(-1, -1, unit.shape[-1]))
-    )
+    coverage = torch.einsum("bnd,bkd->bnk", unit, gather_tokens(unit, seeds))
     coverage = coverage.amax(dim=-1).masked_fill(kept, float("inf"))
     for _ in range(k - seeds.shape[1]):
         chosen = coverage.argmin(dim=-1)

@@ -36,6 +36,20 @@ def feature_layer_to_layer(vision_feature_layer: int, num_layers: int) -> int:
     )
 
 
+def feature_layout(patches: int, has_cls: bool, select_strategy: str) -> tuple[int, int]:
+    """(feature tokens the LM sees per image, leading encoder tokens dropped before them).
+
+    LLaVA's "default" strategy drops the encoder's first token ([CLS] for CLIP), "full" keeps all.
+    """
+    if select_strategy not in ("default", "full"):
+        raise ConfigError(
+            f"vision_feature_select_strategy {select_strategy!r} is not supported by token pruning. "
+            "Fix: prune a model whose strategy is 'default' or 'full'."
+        )
+    leading = int(select_strategy == "default")
+    return patches + int(has_cls) - leading, leading
+
+
 def scoring_layers(config: PruneConfig, vision_feature_layer: int, num_layers: int) -> tuple[int, int]:
     """(contribution layer, pattern layer); both default relative to the feature layer the LM reads."""
     feature = feature_layer_to_layer(vision_feature_layer, num_layers)

@@ -41,7 +41,14 @@ from vllm.multimodal.processing import (
 )
 
 from lmkit.pruning.config import PruneConfig, keep_count
-from lmkit.pruning.vision import feature_layer_to_layer, record_outputs, scoring_layers, select_visual
+from lmkit.pruning.select import gather_tokens
+from lmkit.pruning.vision import (
+    feature_layer_to_layer,
+    feature_layout,
+    record_outputs,
+    scoring_layers,
+    select_visual,
+)
 
 
 def pruning_config(hf_config: object) -> PruneConfig:
@@ -57,8 +64,9 @@ def tokens_per_image(config: LlavaConfig) -> int:
     """Feature tokens the tower yields for one (fixed-size) image, before pruning."""
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
-    has_cls = isinstance(vision, CLIPVisionConfig)
-    return patches + int(has_cls and config.vision_feature_select_strategy == "full")
+    return feature_layout(
+        patches, isinstance(vision, CLIPVisionConfig), config.vision_feature_select_strategy
+    )[0]
 
 
 class PrunedLlavaProcessingInfo(BaseProcessingInfo):
@@ -193,7 +201,7 @@ class PrunedLlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
         transformer = self.vision_tower.vision_model
         self.encoder_layers = transformer.encoder.layers
         self.has_cls = hasattr(transformer.embeddings, "class_embedding")
-        self.leading = 1 if self.has_cls and config.vision_feature_select_strategy == "default" else 0
+        _, self.leading = feature_layout(0, self.has_cls, config.vision_feature_select_strategy)
         attention = self.encoder_layers[deep].self_attn
         self.local_heads = attention.num_heads_per_partition
         self.split_heads = self.local_heads != config.vision_config.num_attention_heads
@@ -224,7 +232,7 @@ class PrunedLlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
                 pixel_values, feature_select_strategy=self.config.vision_feature_select_strategy
             )
         features = self.multi_modal_projector(tokens)
-        images, available, width = features.shape
+        images, available, _ = features.shape
 
         def qk(name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
             return tuple(recorded[name].chunk(3, dim=-1)[:2]) if recorded else None
@@ -241,8 +249,7 @@ class PrunedLlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
             self.generator,
             reduce=self._mean_over_ranks if self.split_heads else None,
         )
-        kept = features.gather(1, indices.to(features.device)[..., None].expand(-1, -1, width))
-        return tuple(kept)
+        return tuple(gather_tokens(features, indices))
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs: object):
         if intermediate_tensors is not None:
