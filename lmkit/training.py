@@ -240,3 +240,17 @@ class Trainer:
             "train_seconds": round(elapsed, 2),
             "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1),
         }
+
+
+@torch.inference_mode()
+def accuracy(
+    model: nn.Module, rows: list[dict], collate: Callable[[list[dict]], dict], batch_size: int
+) -> float:
+    """Share of rows whose argmax logit equals `labels` (classification models returning `.logits`)."""
+    model.eval()
+    hits = 0
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size])
+        labels = batch.pop("labels")
+        hits += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return round(hits / len(rows), 4)

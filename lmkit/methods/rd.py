@@ -120,17 +120,6 @@ def _set_progress(model: StudentDistiller, total_steps: int, step: int) -> None:
     model.progress = step / total_steps
 
 
-@torch.inference_mode()
-def _accuracy(model: torch.nn.Module, rows: list[dict], collate, batch_size: int) -> float:
-    model.eval()
-    hits = 0
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size])
-        labels = batch.pop("labels")
-        hits += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return round(hits / len(rows), 4)
-
-
 def run(recipe: RDRecipe, resume: bool) -> dict[str, Any]:
     out, rd, tcfg = recipe.output_dir, recipe.rd, recipe.teacher
     train_examples, eval_examples = load_data(recipe.data)
@@ -187,7 +176,7 @@ def run(recipe: RDRecipe, resume: bool) -> dict[str, Any]:
         Trainer(
             probe, rows_for("train", train_y), train_collate, recipe.train, out / "variants" / "teacher_probe"
         ).train(resume=resume)
-        accuracy["teacher_probe"] = _accuracy(
+        accuracy["teacher_probe"] = accuracy(
             probe,
             rows_for("eval", eval_y),
             partial(train_collate, features=cached["eval"]),
@@ -224,7 +213,7 @@ def run(recipe: RDRecipe, resume: bool) -> dict[str, Any]:
             on_step=partial(_set_progress, model, recipe.train.max_steps),
         ).train(resume=resume)
         eval_collate = partial(collate, features=cached["eval"] if live_teacher is None else None)
-        accuracy[variant] = _accuracy(
+        accuracy[variant] = accuracy(
             model, rows_for("eval", eval_y, student_tok), eval_collate, rd.encode_batch_size
         )
         if student_seconds is None:

@@ -1,0 +1,28 @@
+"""A tiny FDKT federation (tiny-llama everywhere): shared by the in-process and the Flower tests."""
+
+from __future__ import annotations
+
+from lmkit.fdkt.protocol import FDKTConfig
+
+TINY = {"source": "tiny-llama"}
+
+
+def tiny_fdkt(**overrides) -> FDKTConfig:
+    settings = {
+        "domains": ["restaurant", "travel"],
+        "private_train": 12,
+        "private_test": 8,
+        "generator": TINY,
+        "dp": {"epsilon": 4.0, "epochs": 1, "batch_size": 4},
+        "synth": {"per_label": 3, "max_new_tokens": 12},
+        "server": {"model": TINY, "max_tokens": 16},
+        "augment_per_label": 3,
+        "prompts_per_label": 2,
+        "task": {
+            "model": TINY,
+            "num_layers": 1,
+            "train": {"max_steps": 2, "batch_size": 4, "max_length": 32},
+        },
+        "canaries": 2,
+    }
+    return FDKTConfig.model_validate({**settings, **overrides})
