@@ -26,3 +26,20 @@ def tiny_fdkt(**overrides) -> FDKTConfig:
         "canaries": 2,
     }
     return FDKTConfig.model_validate({**settings, **overrides})
+
+
+# `recipes/fdkt.yaml` shrunk to tiny-llama everywhere (dotted overrides, as on the command line)
+TINY_RECIPE_OVERRIDES = [
+    "fdkt.generator.source=tiny-llama",
+    "fdkt.server.model.source=tiny-llama",
+    "fdkt.task.model.source=tiny-llama",
+    "fdkt.task.num_layers=1",
+    "fdkt.task.train.max_steps=2",
+    "fdkt.synth.per_label=2",
+    "fdkt.synth.max_new_tokens=8",
+    "fdkt.server.max_tokens=8",
+    "fdkt.prompts_per_label=1",
+    "fdkt.dp.epochs=1",
+    "fdkt.private_test=8",
+    "fdkt.domains=[travel, restaurant]",
+]

@@ -17,7 +17,7 @@ from lmkit.fdkt.privacy import ClientPrivacy, DPConfig, dp_finetune, plan_noise
 from lmkit.fdkt.protocol import ClientData, private_data, run_inprocess
 from lmkit.fdkt.server import LocalLLM, ServerLLMConfig, augment, parse_samples, parse_verdict
 from lmkit.loader import load_model
-from tests.fdkt_helpers import TINY, tiny_fdkt
+from tests.fdkt_helpers import TINY, TINY_RECIPE_OVERRIDES, tiny_fdkt
 
 
 def library_epsilon(sigma: float, rate: float, steps: int, delta: float) -> float:
@@ -168,22 +168,9 @@ def test_server_llm_through_lmkit_serve_on_a_real_vllm_server(tmp_path):
 def test_fdkt_recipe_in_process_reports_local_vs_fdkt_per_client_and_epsilon(tmp_path):
     from lmkit.recipes import load_recipe, run_recipe
 
-    tiny = [
-        "fdkt.generator.source=tiny-llama",
-        "fdkt.server.model.source=tiny-llama",
-        "fdkt.task.model.source=tiny-llama",
-        "fdkt.task.num_layers=1",
-        "fdkt.task.train.max_steps=2",
-        "fdkt.synth.per_label=2",
-        "fdkt.synth.max_new_tokens=8",
-        "fdkt.server.max_tokens=8",
-        "fdkt.prompts_per_label=1",
-        "fdkt.dp.epochs=1",
-        "fdkt.private_test=8",
-        "fdkt.domains=[travel, restaurant]",
-    ]
     recipe = load_recipe(
-        "recipes/fdkt.yaml", [f"output_dir={tmp_path}", "runner=inprocess", "epsilons=[1, .inf]", *tiny]
+        "recipes/fdkt.yaml",
+        [f"output_dir={tmp_path}", "runner=inprocess", "epsilons=[1, .inf]", *TINY_RECIPE_OVERRIDES],
     )
     results = run_recipe(recipe)
     assert set(results["fdkt"]) == {"1", "inf"} and set(results["local_only"]) == {"0", "1"}

@@ -8,7 +8,7 @@ import pytest
 from lmkit.fdkt.flower_app import run_flower
 from lmkit.fdkt.privacy import ClientPrivacy, plan_noise
 from lmkit.fdkt.protocol import private_data
-from tests.fdkt_helpers import tiny_fdkt
+from tests.fdkt_helpers import TINY_RECIPE_OVERRIDES, tiny_fdkt
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +43,8 @@ def test_epsilon_is_cumulative_across_rounds_through_flower_state(two_rounds_wit
 def test_the_recipe_runs_on_flower(tmp_path):
     from lmkit.recipes import load_recipe, run_recipe
 
-    tiny = [
-        "fdkt.generator.source=tiny-llama",
-        "fdkt.server.model.source=tiny-llama",
-        "fdkt.task.model.source=tiny-llama",
-        "fdkt.task.num_layers=1",
-        "fdkt.task.train.max_steps=2",
-        "fdkt.synth.per_label=2",
-        "fdkt.synth.max_new_tokens=8",
-        "fdkt.server.max_tokens=8",
-        "fdkt.prompts_per_label=1",
-        "fdkt.dp.epochs=1",
-        "fdkt.private_test=8",
-        "fdkt.domains=[travel, restaurant]",
-    ]
-    results = run_recipe(load_recipe("recipes/fdkt.yaml", [f"output_dir={tmp_path}", "epsilons=[4]", *tiny]))
+    results = run_recipe(
+        load_recipe("recipes/fdkt.yaml", [f"output_dir={tmp_path}", "epsilons=[4]", *TINY_RECIPE_OVERRIDES])
+    )
     assert results["runner"] == "flower" and results["fdkt"]["4"]["runner"] == "flower"
     assert set(results["fdkt"]["4"]["clients"]) == {"0", "1"}

@@ -149,13 +149,21 @@ def run_flower(config: FDKTConfig, cpus_per_client: float = 1.0) -> dict[str, An
     with tempfile.TemporaryDirectory() as tmp:
         config_path, results_path = Path(tmp) / "config.json", Path(tmp) / "results.json"
         config_path.write_text(config.model_dump_json())
+        previous = {key: os.environ.get(key) for key in (CONFIG_ENV, RESULTS_ENV)}
         os.environ[CONFIG_ENV], os.environ[RESULTS_ENV] = str(config_path), str(results_path)
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=len(config.domains),
-            backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
-        )
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=len(config.domains),
+                backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
+            )
+        finally:
+            for key, value in previous.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         if not results_path.is_file():
             raise RuntimeError("the Flower simulation ended without results; see its log above")
         return json.loads(results_path.read_text())

@@ -25,7 +25,7 @@ from lmkit.loader import ModelSpec, load_model
 
 
 class ServerLLMConfig(StrictModel):
-    """Exactly one of `endpoint` (base URL of an OpenAI-compatible server) or `model` (in-process)."""
+    """`endpoint` (an OpenAI-compatible base URL, e.g. lmkit serve) when set; else `model` in-process."""
 
     endpoint: str | None = None
     served_model_name: str = "base"
