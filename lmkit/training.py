@@ -243,7 +243,7 @@ class Trainer:
 
 
 @torch.inference_mode()
-def accuracy(
+def classification_accuracy(
     model: nn.Module, rows: list[dict], collate: Callable[[list[dict]], dict], batch_size: int
 ) -> float:
     """Share of rows whose argmax logit equals `labels` (classification models returning `.logits`)."""

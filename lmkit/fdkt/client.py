@@ -17,7 +17,7 @@ from lmkit.fdkt.data import LABELS
 from lmkit.generation import pad
 from lmkit.loader import ModelSpec, load_model
 from lmkit.rd.model import LMEncoder, Output, truncate_layers
-from lmkit.training import TrainConfig, Trainer, accuracy
+from lmkit.training import TrainConfig, Trainer, classification_accuracy
 
 
 class SynthConfig(StrictModel):
@@ -108,4 +108,6 @@ def train_and_evaluate(config: TaskConfig, train: list[dict], test: list[dict], 
     rows = _rows(loaded.tokenizer, train, train_config.max_length)
     with tempfile.TemporaryDirectory() as scratch:
         Trainer(classifier, rows, collate, train_config, Path(scratch)).train()
-    return accuracy(classifier, _rows(loaded.tokenizer, test, train_config.max_length), collate, 16)
+    return classification_accuracy(
+        classifier, _rows(loaded.tokenizer, test, train_config.max_length), collate, 16
+    )

@@ -26,7 +26,7 @@ from lmkit.rd.model import LMEncoder, LossWeights, StudentDistiller, TeacherProb
 from lmkit.rd.student import export_student
 from lmkit.recipes import Recipe, register_method
 from lmkit.report import write_report
-from lmkit.training import TrainConfig, Trainer
+from lmkit.training import TrainConfig, Trainer, classification_accuracy
 
 CKA_BATCH_FLOOR = 8  # recipe floor; lmkit.rd.cka.MIN_CKA_BATCH (4) is where CKA stops being defined
 ALL_VARIANTS = ["teacher_probe", "student_ce", "logit_kd", "feature_mse", "rd"]
@@ -176,7 +176,7 @@ def run(recipe: RDRecipe, resume: bool) -> dict[str, Any]:
         Trainer(
             probe, rows_for("train", train_y), train_collate, recipe.train, out / "variants" / "teacher_probe"
         ).train(resume=resume)
-        accuracy["teacher_probe"] = accuracy(
+        accuracy["teacher_probe"] = classification_accuracy(
             probe,
             rows_for("eval", eval_y),
             partial(train_collate, features=cached["eval"]),
@@ -213,7 +213,7 @@ def run(recipe: RDRecipe, resume: bool) -> dict[str, Any]:
             on_step=partial(_set_progress, model, recipe.train.max_steps),
         ).train(resume=resume)
         eval_collate = partial(collate, features=cached["eval"] if live_teacher is None else None)
-        accuracy[variant] = accuracy(
+        accuracy[variant] = classification_accuracy(
             model, rows_for("eval", eval_y, student_tok), eval_collate, rd.encode_batch_size
         )
         if student_seconds is None:
