@@ -3,6 +3,7 @@ the in-process federation (what crosses the boundary, dropouts) and the recipe."
 
 from __future__ import annotations
 
+import json
 import math
 
 import dp_accounting
@@ -178,3 +179,8 @@ def test_fdkt_recipe_in_process_reports_local_vs_fdkt_per_client_and_epsilon(tmp
     assert 0 < results["fdkt"]["1"]["clients"]["0"]["epsilon"] <= 1.02
     summary = (tmp_path / "summary.md").read_text()
     assert "FDKT eps=1" in summary and "FDKT eps=inf" in summary and "membership AUC" in summary
+    stage = tmp_path / "stages" / "fdkt_eps_1.json"
+    saved = json.loads(stage.read_text())
+    saved["marker"] = "kept"  # a finished stage is reused on --resume, not recomputed
+    stage.write_text(json.dumps(saved))
+    assert run_recipe(recipe, resume=True)["fdkt"]["1"]["marker"] == "kept"

@@ -44,7 +44,10 @@ def test_the_recipe_runs_on_flower(tmp_path):
     from lmkit.recipes import load_recipe, run_recipe
 
     results = run_recipe(
-        load_recipe("recipes/fdkt.yaml", [f"output_dir={tmp_path}", "epsilons=[4]", *TINY_RECIPE_OVERRIDES])
+        load_recipe(
+            "recipes/fdkt.yaml", [f"output_dir={tmp_path}", "epsilons=[.inf]", *TINY_RECIPE_OVERRIDES]
+        )
     )
-    assert results["runner"] == "flower" and results["fdkt"]["4"]["runner"] == "flower"
-    assert set(results["fdkt"]["4"]["clients"]) == {"0", "1"}
+    assert results["runner"] == "flower" and results["fdkt"]["inf"]["runner"] == "flower"
+    assert set(results["fdkt"]["inf"]["clients"]) == {"0", "1"}  # epsilon .inf survives the trip to the apps
+    assert results["fdkt"]["inf"]["clients"]["0"]["epsilon"] == -1.0

@@ -17,7 +17,7 @@ from opacus import PrivacyEngine
 from opacus.accountants import PRVAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from peft import LoraConfig, get_peft_model
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from rich.progress import track
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -27,6 +27,8 @@ from lmkit.generation import pad
 
 
 class DPConfig(StrictModel):
+    model_config = ConfigDict(ser_json_inf_nan="constants")  # epsilon .inf survives the JSON to Flower apps
+
     epsilon: float = Field(8.0, gt=0, description="target (epsilon, delta) over all rounds; .inf = no DP")
     delta: float = Field(1e-4, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0, description="per-sample clipping norm")

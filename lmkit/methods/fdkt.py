@@ -3,13 +3,16 @@
 For each client: its task SLM trained on its own private records only (local-only), and, for each
 epsilon in `epsilons`, trained on those records plus the server LLM's augmentation of the client's
 DP synthetic demonstrations (FDKT). Both are evaluated on the client's held-out private records.
-The canary audit on client 0 is reported next to each epsilon.
+The canary audit on client 0 is reported next to each epsilon. Each stage (local-only, one
+federation per epsilon) is saved under `stages/` as it finishes; `--resume` skips finished ones.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -18,6 +21,7 @@ from lmkit.data import DataSpec
 from lmkit.errors import ConfigError
 from lmkit.fdkt.protocol import FDKTConfig, client_train, run_inprocess
 from lmkit.fdkt.server import server_llm
+from lmkit.io import write_json_atomic
 from lmkit.recipes import Recipe, register_method
 from lmkit.report import write_report
 
@@ -52,17 +56,30 @@ def _federate(recipe: FDKTRecipe, config: FDKTConfig) -> dict[str, Any]:
     return run_flower(config)
 
 
+def _saved(path: Path, resume: bool, compute) -> Any:
+    """Each finished stage is written at once; `--resume` reuses it instead of recomputing."""
+    if resume and path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    write_json_atomic(path, result)
+    return result
+
+
 def run(recipe: FDKTRecipe, resume: bool) -> dict[str, Any]:
     base = recipe.fdkt.model_copy(update={"seed": recipe.seed})
     clients = range(len(base.domains))
-    local = {p: client_train(base, p, []) for p in clients}
+    stages = recipe.output_dir / "stages"
+    local = _saved(
+        stages / "local_only.json", resume, lambda: {str(p): client_train(base, p, []) for p in clients}
+    )
     runs = {}
     for epsilon in recipe.epsilons:
         config = base.model_copy(update={"dp": base.dp.model_copy(update={"epsilon": epsilon})})
-        runs[_label(epsilon)] = _federate(recipe, config)
+        label = _label(epsilon)
+        runs[label] = _saved(stages / f"fdkt_eps_{label}.json", resume, lambda c=config: _federate(recipe, c))
     rows, notes = [], []
     for p in clients:
-        row = [p, base.domains[p], local[p]]
+        row = [p, base.domains[p], local[str(p)]]
         for result in runs.values():
             client = result["clients"].get(str(p))
             row.append(
@@ -79,7 +96,7 @@ def run(recipe: FDKTRecipe, resume: bool) -> dict[str, Any]:
             f"5-char runs {audit.get('secret_5gram_exposed')}; membership AUC on the DP generator "
             f"{audit.get('membership_auc')} (0.5 = chance); dropped: {len(result['dropped'])}"
         )
-    results = {"local_only": {str(p): a for p, a in local.items()}, "fdkt": runs, "runner": recipe.runner}
+    results = {"local_only": local, "fdkt": runs, "runner": recipe.runner}
     write_report(
         recipe.output_dir,
         "FDKT: local-only vs FDKT per client (accuracy on held-out private data)",
