@@ -184,3 +184,17 @@ def test_fdkt_recipe_in_process_reports_local_vs_fdkt_per_client_and_epsilon(tmp
     saved["marker"] = "kept"  # a finished stage is reused on --resume, not recomputed
     stage.write_text(json.dumps(saved))
     assert run_recipe(recipe, resume=True)["fdkt"]["1"]["marker"] == "kept"
+
+
+def test_flower_runner_without_flower_names_the_virtualenv_to_use(tmp_path, monkeypatch):
+    from lmkit.errors import ConfigError
+    from lmkit.recipes import load_recipe, run_recipe
+    from tests.helpers import hide_module
+
+    hide_module(monkeypatch, "flwr")
+    recipe = load_recipe(
+        "recipes/fdkt.yaml", [f"output_dir={tmp_path}", "epsilons=[4]", *TINY_RECIPE_OVERRIDES]
+    )
+    with pytest.raises(ConfigError, match="make setup-federated"):
+        run_recipe(recipe)
+    assert not (tmp_path / "stages").exists()  # refused before any training

