@@ -57,7 +57,7 @@ class ClientPrivacy:
 
 def plan_noise(config: DPConfig, records: int, rounds: int) -> tuple[float, float, int]:
     """(noise multiplier, sample rate, steps per round) so all rounds together spend the target epsilon."""
-    sample_rate = min(1.0, config.batch_size / records)
+    sample_rate = 1 / math.ceil(records / config.batch_size)  # what Opacus's Poisson loader uses
     steps = max(1, round(config.epochs / sample_rate))
     if math.isinf(config.epsilon):
         return 0.0, sample_rate, steps
