@@ -170,10 +170,8 @@ def test_server_llm_through_lmkit_serve_on_a_real_vllm_server(tmp_path):
 def test_fdkt_recipe_in_process_reports_local_vs_fdkt_per_client_and_epsilon(tmp_path):
     from lmkit.recipes import load_recipe, run_recipe
 
-    recipe = load_recipe(
-        "recipes/fdkt.yaml",
-        [f"output_dir={tmp_path}", "runner=inprocess", "epsilons=[1, .inf]", *TINY_RECIPE_OVERRIDES],
-    )
+    overrides = [f"output_dir={tmp_path}", "runner=inprocess", "epsilons=[1, .inf]", *TINY_RECIPE_OVERRIDES]
+    recipe = load_recipe("recipes/fdkt.yaml", overrides)
     results = run_recipe(recipe)
     assert set(results["fdkt"]) == {"1", "inf"} and set(results["local_only"]) == {"0", "1"}
     assert results["fdkt"]["inf"]["clients"]["0"]["epsilon"] == -1.0  # no DP
@@ -182,9 +180,11 @@ def test_fdkt_recipe_in_process_reports_local_vs_fdkt_per_client_and_epsilon(tmp
     assert "FDKT eps=1" in summary and "FDKT eps=inf" in summary and "membership AUC" in summary
     stage = tmp_path / "stages" / "fdkt_eps_1.json"
     saved = json.loads(stage.read_text())
-    saved["marker"] = "kept"  # a finished stage is reused on --resume, not recomputed
+    saved["result"]["marker"] = "kept"  # a finished stage is reused on --resume, not recomputed
     stage.write_text(json.dumps(saved))
     assert run_recipe(recipe, resume=True)["fdkt"]["1"]["marker"] == "kept"
+    changed = load_recipe("recipes/fdkt.yaml", [*overrides, "fdkt.dp.delta=1e-5"])
+    assert "marker" not in run_recipe(changed, resume=True)["fdkt"]["1"]  # other settings: recomputed
 
 
 def test_flower_runner_without_flower_names_the_virtualenv_to_use(tmp_path, monkeypatch):

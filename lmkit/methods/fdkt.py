@@ -42,6 +42,12 @@ def _label(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
+def _spent(epsilon: float | None) -> str:
+    if epsilon is None:
+        return "n/a (dropped)"
+    return "inf" if epsilon < 0 else str(round(epsilon, 3))  # -1 encodes "no DP" in payloads
+
+
 def _check_runner(recipe: FDKTRecipe) -> None:
     if recipe.runner == "flower" and importlib.util.find_spec("flwr") is None:
         raise ConfigError(
@@ -59,12 +65,13 @@ def _federate(recipe: FDKTRecipe, config: FDKTConfig) -> dict[str, Any]:
     return run_flower(config)
 
 
-def _saved(path: Path, resume: bool, compute) -> Any:
-    """Each finished stage is written at once; `--resume` reuses it instead of recomputing."""
-    if resume and path.is_file():
-        return json.loads(path.read_text())
+def _saved(path: Path, resume: bool, settings: FDKTConfig, compute) -> Any:
+    """Each finished stage is written at once; `--resume` reuses it if its settings are unchanged."""
+    key = settings.model_dump_json()
+    if resume and path.is_file() and (saved := json.loads(path.read_text())).get("settings") == key:
+        return saved["result"]
     result = compute()
-    write_json_atomic(path, result)
+    write_json_atomic(path, {"settings": key, "result": result})
     return result
 
 
@@ -74,13 +81,15 @@ def run(recipe: FDKTRecipe, resume: bool) -> dict[str, Any]:
     clients = range(len(base.domains))
     stages = recipe.output_dir / "stages"
     local = _saved(
-        stages / "local_only.json", resume, lambda: {str(p): client_train(base, p, []) for p in clients}
+        stages / "local_only.json", resume, base, lambda: {str(p): client_train(base, p, []) for p in clients}
     )
     runs = {}
     for epsilon in recipe.epsilons:
         config = base.model_copy(update={"dp": base.dp.model_copy(update={"epsilon": epsilon})})
         label = _label(epsilon)
-        runs[label] = _saved(stages / f"fdkt_eps_{label}.json", resume, lambda c=config: _federate(recipe, c))
+        runs[label] = _saved(
+            stages / f"fdkt_eps_{label}.json", resume, config, lambda c=config: _federate(recipe, c)
+        )
     rows, notes = [], []
     for p in clients:
         row = [p, base.domains[p], local[str(p)]]
@@ -92,10 +101,10 @@ def run(recipe: FDKTRecipe, resume: bool) -> dict[str, Any]:
         rows.append(row)
     for label, result in runs.items():
         canary_client = result["clients"].get("0", {})
-        spent = canary_client.get("epsilon", -1.0)
+        spent = canary_client.get("epsilon")
         audit = canary_client.get("audit", {})
         notes.append(
-            f"target epsilon {label}: client 0 spent {'inf' if spent < 0 else round(spent, 3)} "
+            f"target epsilon {label}: client 0 spent {_spent(spent)} "
             f"(delta {base.dp.delta}); canary secrets in synthetic data {audit.get('secret_exposed')}, "
             f"5-char runs {audit.get('secret_5gram_exposed')}; membership AUC on the DP generator "
             f"{audit.get('membership_auc')} (0.5 = chance); dropped: {len(result['dropped'])}"
