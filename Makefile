@@ -45,6 +45,7 @@ quickstart: setup
 
 test: setup setup-federated
 	$(BIN)/ruff check lmkit tests tests_federated
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 	$(FED_BIN)/python -m pytest tests_federated
 

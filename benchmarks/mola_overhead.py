@@ -20,11 +20,12 @@ import openai
 import torch
 from peft import LoraConfig, get_peft_model
 
+from lmkit.adapters import LoraSpec
 from lmkit.data import generate_examples
 from lmkit.generation import encode_for_training
 from lmkit.loader import load_model
-from lmkit.methods.mola import collate
 from lmkit.mola.model import MoLAModel, MoLASettings
+from lmkit.mola.recipe import collate
 from lmkit.report import write_report
 from lmkit.serving import ServerProcess, load_serve_config
 
@@ -38,7 +39,8 @@ def _train_models(source: str) -> dict[str, torch.nn.Module]:
     lora = load_model(source).model
     models["peft_lora"] = get_peft_model(lora, LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS)))
     for variant in ("grad", "router"):
-        settings = MoLASettings(variant, TASKS, shared="lora", r=8, alpha=16, target_modules=TARGETS)
+        lora = LoraSpec(r=8, alpha=16, target_modules=list(TARGETS))
+        settings = MoLASettings(variant, TASKS, shared="lora", lora=lora)
         models[f"mola_{variant}"] = MoLAModel(load_model(source).model, settings)
     return models
 

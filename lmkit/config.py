@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from types import UnionType
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -105,3 +106,40 @@ def secret_from_env(variable: str, key_path: str) -> str:
 
 def to_yaml(model: BaseModel) -> str:
     return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The config class behind `Section` or `Section | None`, if any."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    models = [o for o in options if isinstance(o, type) and issubclass(o, BaseModel)]
+    return models[0] if len(models) == 1 and all(o in (models[0], type(None)) for o in options) else None
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(v) for v in get_args(annotation))
+    if isinstance(annotation, type) and not get_args(annotation):
+        return annotation.__name__
+    return re.sub(r"\b(?:typing|pathlib|[a-z_]+(?:\.[a-z_]+)+)\.", "", str(annotation))
+
+
+def documented_keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key path, type, default, description) of every key of a config schema, sections flattened."""
+    rows = []
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        section = _section(info.annotation)
+        if section is not None:
+            optional = "optional " if info.default is None else ""
+            doc = info.description or (section.__doc__ or "").strip().split("\n")[0]
+            rows.append((path, f"{optional}section", "", doc))
+            rows += documented_keys(section, f"{path}.")
+            continue
+        if info.is_required():
+            default = "(required)"
+        elif info.default_factory is not None:
+            default = repr(info.default_factory())  # type: ignore[call-arg]
+        else:
+            default = repr(info.default)
+        rows.append((path, _type_name(info.annotation), default, info.description or ""))
+    return rows

@@ -115,7 +115,7 @@ class GeneratedData(StrictModel):
     tasks: list[str] = Field(["sentiment"], min_length=1)
     train_size: int = Field(256, gt=0)
     eval_size: int = Field(32, gt=0)
-    seed: int = 0
+    seed: int | None = Field(None, description="unset: the recipe's seed")
 
     @model_validator(mode="after")
     def _known_tasks(self) -> GeneratedData:
@@ -193,8 +193,8 @@ def load_data(spec: DataSpec) -> tuple[list[Example], list[Example]]:
     if spec.generate is not None:
         gen = spec.generate
         return (
-            generate_examples(gen.tasks, gen.train_size, gen.seed),
-            generate_examples(gen.tasks, gen.eval_size, gen.seed + 1),
+            generate_examples(gen.tasks, gen.train_size, gen.seed or 0),
+            generate_examples(gen.tasks, gen.eval_size, (gen.seed or 0) + 1),
         )
     assert spec.train_file is not None
     train = read_examples(spec.train_file)

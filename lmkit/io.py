@@ -10,6 +10,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+WRITE_LOG_ENV = "LMKIT_WRITE_LOG"  # a file; each atomic write appends "<rank>\t<path>" (audits, DDP tests)
+
+
+def is_main_process() -> bool:
+    """False on every rank but 0 of a multi-process launch (torchrun / accelerate set RANK): those
+    ranks compute the same results and must not write them a second time."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _log_write(path: Path) -> None:
+    log = os.environ.get(WRITE_LOG_ENV)
+    if log:
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(f"{os.environ.get('RANK', '0')}\t{path.resolve()}\n")
+
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write to a temp file in the same directory, then rename over the target."""
@@ -23,6 +38,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _log_write(path)
     return path
 
 
@@ -55,4 +71,5 @@ def write_dir_atomic(target: str | Path, fill: Callable[[Path], None]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _log_write(target)
     return target

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from lmkit.io import write_json_atomic, write_text_atomic
+from lmkit.io import is_main_process, write_json_atomic, write_text_atomic
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -29,7 +29,10 @@ def write_report(
     """`results.json` (everything) and `summary.md` (title, table, notes); prints the table too.
 
     `final_dir` is where the files end up when `output_dir` is a temp dir swapped in afterwards.
+    Only the main process of a multi-process launch writes and prints.
     """
+    if not is_main_process():
+        return
     write_json_atomic(output_dir / "results.json", results)
     body = [f"# {title}", "", markdown_table(headers, rows), ""] + [f"- {n}" for n in notes or []]
     write_text_atomic(output_dir / "summary.md", "\n".join(body) + "\n")

@@ -46,7 +46,7 @@ class TrainConfig(StrictModel):
     save_every: int = Field(20, gt=0, description="checkpoint every N steps (and at the end)")
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(5, gt=0)
-    seed: int = 0
+    seed: int | None = Field(None, description="data order and initialization; unset: the recipe's seed")
 
 
 def _batch_order(n_examples: int, steps: int, global_batch: int, seed: int) -> list[int]:
@@ -100,10 +100,15 @@ class Trainer:
         self.config, self.output_dir, self.rows, self.collate = config, output_dir, rows, collate
         self.on_step, self.before_optimizer_step = on_step, before_optimizer_step
         self.accelerator = Accelerator(
-            gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision
+            gradient_accumulation_steps=config.grad_accum,
+            mixed_precision=config.mixed_precision,
+            # No accelerator device: say so, so that several launched processes form a gloo DDP group
+            # (accelerate only treats a multi-process CPU launch as distributed when told it is on CPU).
+            cpu=torch.accelerator.current_accelerator() is None,
         )
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
+        self.seed = config.seed or 0
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise LmkitError("The model has no trainable parameters; nothing to train.")
@@ -117,6 +122,18 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.step = 0
         self.history: list[dict[str, Any]] = []
+
+    def _check_ranks_in_sync(self) -> None:
+        """Under DDP every rank must end with the same weights; a fingerprint of them is compared."""
+        if self.accelerator.num_processes == 1:
+            return
+        flat = torch.cat(
+            [p.detach().float().flatten() for p in self.unwrapped.parameters() if p.requires_grad]
+        )
+        fingerprint = torch.stack([flat.sum(), flat.square().sum(), flat[:: max(1, len(flat) // 97)].sum()])
+        ranks = self.accelerator.gather(fingerprint.to(self.accelerator.device)).view(-1, 3).cpu()
+        if not torch.allclose(ranks, ranks[:1].expand_as(ranks), rtol=1e-5, atol=1e-6):
+            raise LmkitError(f"DDP ranks ended with different weights (fingerprints {ranks.tolist()}).")
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -175,7 +192,7 @@ class Trainer:
             self.load_checkpoint(last)
             acc.print(f"Resumed from {last} (step {self.step}/{cfg.max_steps}).")
         per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
-        order = _batch_order(len(self.rows), cfg.max_steps, per_step, cfg.seed)
+        order = _batch_order(len(self.rows), cfg.max_steps, per_step, self.seed)
         self.model.train()
         started, tokens = time.perf_counter(), 0
         columns = [
@@ -233,7 +250,9 @@ class Trainer:
                     "Rerun the same command with --resume to continue."
                 ) from None
         elapsed = time.perf_counter() - started
+        self._check_ranks_in_sync()
         return {
+            "processes": acc.num_processes,
             "steps": self.step,
             "final_loss": self.history[-1]["loss"] if self.history else None,
             "first_loss": self.history[0]["loss"] if self.history else None,

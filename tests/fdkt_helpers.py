@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lmkit.fdkt.protocol import FDKTConfig
+from lmkit.fdkt.config import FDKTConfig
 
 TINY = {"source": "tiny-llama"}
 

@@ -10,11 +10,13 @@ from peft import LoraConfig, get_peft_model
 from lmkit.loader import load_model
 
 
-def make_lora_adapter(path: Path, seed: int, source: str = "tiny-llama") -> Path:
+def make_lora_adapter(
+    path: Path, seed: int, source: str = "tiny-llama", targets: tuple[str, ...] = ("q_proj", "v_proj")
+) -> Path:
     """Save a LoRA adapter for `source` whose B matrices are random (so it changes the outputs)."""
     base = load_model(source).model
     torch.manual_seed(seed)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:

@@ -148,7 +148,7 @@ def test_no_private_record_crosses_the_boundary_and_a_dropout_does_not_stop_the_
 def test_server_llm_through_lmkit_serve_on_a_real_vllm_server(tmp_path):
     from lmkit.fdkt.server import EndpointLLM
     from lmkit.serving.config import ServeConfig
-    from lmkit.serving.launch import ServerProcess
+    from lmkit.serving.process import ServerProcess
     from tests.helpers import free_port
 
     config = ServeConfig.model_validate(

@@ -7,13 +7,14 @@ import pytest
 import torch
 import yaml
 
+from lmkit.adapters import LoraSpec
 from lmkit.data import generate_examples
 from lmkit.errors import ConfigError
 from lmkit.generation import encode_for_training, format_prompt
 from lmkit.loader import ModelSpec, load_model
-from lmkit.methods.mola import collate
 from lmkit.mola.export import adapter_for_gates, export_mola
 from lmkit.mola.model import SHARED, MoLAModel, MoLASettings, twd_loss
+from lmkit.mola.recipe import collate
 from lmkit.recipes import load_recipe, run_recipe
 
 TASKS = ["sentiment", "uppercase", "arithmetic", "reverse_words"]
@@ -22,9 +23,8 @@ TASKS = ["sentiment", "uppercase", "arithmetic", "reverse_words"]
 def make_model(variant: str, shared: str = "lora") -> tuple[MoLAModel, object]:
     torch.manual_seed(0)
     loaded = load_model("tiny-llama")
-    settings = MoLASettings(
-        variant, TASKS, shared=shared, r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj")
-    )
+    lora = LoraSpec(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    settings = MoLASettings(variant, TASKS, shared=shared, lora=lora)
     model = MoLAModel(loaded.model, settings)
     with torch.no_grad():  # non-zero B so every expert changes the output
         for name, param in model.named_parameters():
@@ -134,7 +134,11 @@ def mola_recipe(tmp_path: Path, data: dict, **mola) -> Path:
                 "model": "tiny-llama",
                 "data": data,
                 "output_dir": str(tmp_path / "out"),
-                "mola": {"r": 4, "target_modules": ["q_proj", "v_proj"], "max_new_tokens": 4, **mola},
+                "mola": {
+                    "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                    "max_new_tokens": 4,
+                    **mola,
+                },
                 "train": {"max_steps": 2, "batch_size": 4, "save_every": 2},
             }
         )

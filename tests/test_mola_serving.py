@@ -12,7 +12,7 @@ from lmkit.loader import ModelSpec, load_model
 from lmkit.mola.export import export_mola
 from lmkit.mola.router import bucket
 from lmkit.serving import ServerProcess
-from lmkit.serving.config import ServeConfig, check_adapter, check_router
+from lmkit.serving.config import ServeConfig, check_serve_config
 
 PROMPT = "Write this in capital letters: river stone"
 
@@ -44,9 +44,7 @@ def served(tmp_path_factory):
             "engine": {"dtype": "float32", "max_model_len": 512},
         }
     )
-    for adapter in config.model.adapters:
-        check_adapter(adapter, config)
-    check_router(config.mola_routers[0], config)
+    check_serve_config(config)
     with ServerProcess(config, log_path=root / "vllm.log") as server:
         client = openai.OpenAI(base_url=f"{config.base_url}/v1", api_key="none", max_retries=0)
         yield server, client, root, tokenizer

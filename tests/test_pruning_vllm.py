@@ -16,7 +16,7 @@ from lmkit.pruning.config import PruneConfig
 from lmkit.pruning.llava import PrunedLlava
 from lmkit.pruning.measure import synthetic_images
 from lmkit.serving.config import ServeConfig
-from lmkit.serving.launch import ServerProcess
+from lmkit.serving.process import ServerProcess
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow

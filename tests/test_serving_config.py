@@ -162,3 +162,45 @@ def test_guard_blocks_traversal_and_symlinks_and_passes_allowed_paths(tmp_path, 
     assert status == 200 and json.loads(forwarded) == good
     status, _, _ = _call_guard("/v1/completions", {"lora_path": "/etc"}, [allowed], monkeypatch)
     assert status == 200  # other routes are untouched
+
+
+@pytest.mark.parametrize(
+    ("placement", "cores", "expected"),
+    [
+        ({}, 2, {"OMP_NUM_THREADS": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}),  # small: all cores
+        ({}, 64, {}),  # large: vLLM's own placement (one core kept for the API process)
+        (
+            {"threads": 3, "reserved_cpus": 1},
+            2,
+            {"OMP_NUM_THREADS": "3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"},
+        ),
+        ({"bind": "0-31|32-63", "reserved_cpus": 2}, 64, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "2"}),
+    ],
+)
+def test_cpu_placement_maps_to_vllm_cpu_settings(placement, cores, expected):
+    from lmkit.serving.config import CpuPlacement
+
+    env = CpuPlacement(**placement).env(cores)
+    assert env.pop("VLLM_CPU_OMP_THREADS_BIND") == placement.get("bind", "auto")
+    assert env == expected
+
+
+def test_cpu_placement_reaches_the_vllm_environment(monkeypatch):
+    import lmkit.serving.launch as launch
+
+    monkeypatch.setattr(launch, "on_cpu", lambda: True)
+    config = load_serve_config("serve/smollm2.yaml", ["engine.cpu.threads=1", "engine.cpu.reserved_cpus=0"])
+    _, env = build_command(config, Path("/models/x"))
+    assert env["OMP_NUM_THREADS"] == "1" and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    monkeypatch.setattr(launch, "on_cpu", lambda: False)  # GPU builds: vLLM places its own threads
+    _, env = build_command(config, Path("/models/x"))
+    assert "OMP_NUM_THREADS" not in env and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env
+
+
+def test_an_allow_list_keeps_the_lora_prompt_logprobs_fix_when_lora_is_on(adapter_root):
+    config = load_serve_config(
+        "serve/smollm2.yaml",
+        [f"adapter_dirs=[{adapter_root}]", "runtime_adapters=true", "vllm_plugins=[other]"],
+    )
+    _, env = build_command(config, Path("/models/x"))
+    assert env["VLLM_PLUGINS"] == "other,lmkit_lora_prompt_logprobs"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lmkit.errors import LmkitError
-from lmkit.evals.plots import grouped_bars
+from lmkit.evals.plots import quality_bars
 from lmkit.report import write_report
 
 
@@ -51,12 +51,10 @@ def compare_runs(runs: list[Path], output_dir: Path) -> dict[str, Any]:
         [f"{name}: {r['target']}" for name, r in loaded.items()],
     )
     quality = [k for k in keys if k[0] == "quality"]
-    if quality:
-        grouped_bars(
-            output_dir / "compare_quality.png",
-            "Quality by run",
-            [f"{k[1]}\n{k[2]}" for k in quality],
-            {name: [float(values[name].get(k, 0) or 0) for k in quality] for name in loaded},
-            "score",
-        )
+    quality_bars(
+        output_dir / "compare_quality.png",
+        "Quality by run",
+        [(k[1], k[2]) for k in quality],
+        {name: [float(values[name].get(k, 0) or 0) for k in quality] for name in loaded},
+    )
     return comparison

@@ -113,6 +113,9 @@ class LocalTask(StrictModel):
     generate: GeneratedTaskData | None = None
     file: Path | None = Field(None, description="JSONL, relative to the task file")
     prompt: str = Field("{{input}}\nAnswer:", description="jinja template over a record")
+    target_delimiter: str = Field(
+        " ", description="between prompt and answer (lm-eval); '' when the prompt ends a chat turn"
+    )
     choices: list[str] | None = Field(None, description="labels, for classification")
     max_gen_toks: int = Field(16, gt=0)
 

@@ -32,6 +32,14 @@ def grouped_bars(
     return path
 
 
+def quality_bars(
+    path: Path, title: str, cells: list[tuple[str, str]], series: dict[str, list[float]]
+) -> None:
+    """Scores per (task, metric) cell, one bar per run; nothing is drawn when there is no cell."""
+    if cells:
+        grouped_bars(path, title, [f"{task}\n{metric}" for task, metric in cells], series, "score")
+
+
 def lines(
     path: Path, title: str, x: list[float], series: dict[str, list[float]], xlabel: str, ylabel: str
 ) -> Path:

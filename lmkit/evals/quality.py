@@ -59,6 +59,7 @@ def lm_eval_task_config(task: LocalTask, data_file: Path) -> dict[str, Any]:
         "dataset_kwargs": {"data_files": {"test": str(data_file)}},
         "test_split": "test",
         "doc_to_text": task.prompt,
+        "target_delimiter": task.target_delimiter,
     }
     if task.kind == "generation":
         config |= {

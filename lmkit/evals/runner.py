@@ -12,7 +12,7 @@ import httpx
 from lmkit.config import to_yaml
 from lmkit.errors import LmkitError
 from lmkit.evals.config import EndpointTarget, EvalSuite
-from lmkit.evals.plots import grouped_bars, lines
+from lmkit.evals.plots import lines, quality_bars
 from lmkit.evals.quality import metric_rows, run_quality
 from lmkit.evals.speed import memory_footprint, run_speed
 from lmkit.io import write_dir_atomic, write_jsonl_atomic, write_text_atomic
@@ -100,14 +100,12 @@ def run_suite(suite: EvalSuite) -> dict[str, Any]:
         if samples:
             write_jsonl_atomic(out / "samples.jsonl", samples)
         quality_rows = [r for r in rows if r[0] == "quality"]
-        if quality_rows:
-            grouped_bars(
-                out / "quality.png",
-                "Quality",
-                [f"{r[1]}\n{r[2]}" for r in quality_rows],
-                {results["target"]: [r[3] for r in quality_rows]},
-                "score",
-            )
+        quality_bars(
+            out / "quality.png",
+            "Quality",
+            [(r[1], r[2]) for r in quality_rows],
+            {results["target"]: [r[3] for r in quality_rows]},
+        )
         if "speed" in results:
             levels = results["speed"]
             lines(

@@ -10,29 +10,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from pydantic import Field
 
-from lmkit.config import StrictModel
+from lmkit.batching import pad
+from lmkit.fdkt.config import SynthConfig, TaskConfig
 from lmkit.fdkt.data import LABELS
-from lmkit.generation import pad
-from lmkit.loader import ModelSpec, load_model
-from lmkit.rd.model import LMEncoder, Output, truncate_layers
-from lmkit.training import TrainConfig, Trainer, classification_accuracy
-
-
-class SynthConfig(StrictModel):
-    per_label: int = Field(8, gt=0, description="synthetic demonstrations sampled per label and round")
-    max_new_tokens: int = Field(24, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(0.9, gt=0, le=1)
-
-
-class TaskConfig(StrictModel):
-    model: ModelSpec = Field(default_factory=lambda: ModelSpec(source="smollm2-135m", dtype="float32"))
-    num_layers: int | None = Field(4, gt=0, description="keep the first N decoder layers of the task SLM")
-    train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(max_steps=30, batch_size=8, lr=5e-4, max_length=64)
-    )
+from lmkit.loader import load_model
+from lmkit.modeling import ClassifierOutput, LMEncoder, truncate_layers
+from lmkit.training import Trainer, classification_accuracy
 
 
 def control_code(domain: str, label: str) -> str:
@@ -75,7 +59,7 @@ class TaskClassifier(torch.nn.Module):
     ):
         logits = self.head(self.encoder(input_ids, attention_mask))
         loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return Output(loss, logits)
+        return ClassifierOutput(loss, logits)
 
 
 def _rows(tokenizer, records: list[dict], max_length: int) -> list[dict]:

@@ -26,8 +26,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from lmkit.fdkt.config import FDKTConfig
 from lmkit.fdkt.privacy import ClientPrivacy
-from lmkit.fdkt.protocol import FDKTConfig, client_synthesize, client_train, server_augment
+from lmkit.fdkt.protocol import client_synthesize, client_train, server_augment
 from lmkit.fdkt.server import server_llm
 from lmkit.io import write_json_atomic
 

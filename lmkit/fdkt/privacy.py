@@ -16,27 +16,13 @@ import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants import PRVAccountant
 from opacus.accountants.utils import get_noise_multiplier
-from peft import LoraConfig, get_peft_model
-from pydantic import ConfigDict, Field
+from peft import get_peft_model
 from rich.progress import track
 from torch.utils.data import DataLoader, TensorDataset
 
-from lmkit.config import StrictModel
+from lmkit.batching import pad
 from lmkit.errors import LmkitError
-from lmkit.generation import pad
-
-
-class DPConfig(StrictModel):
-    model_config = ConfigDict(ser_json_inf_nan="constants")  # epsilon .inf survives the JSON to Flower apps
-
-    epsilon: float = Field(8.0, gt=0, description="target (epsilon, delta) over all rounds; .inf = no DP")
-    delta: float = Field(1e-4, gt=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0, description="per-sample clipping norm")
-    epochs: int = Field(4, gt=0, description="passes over the private data per round")
-    batch_size: int = Field(8, gt=0, description="expected (Poisson) batch size")
-    lr: float = Field(2e-3, gt=0)
-    lora_rank: int = Field(8, gt=0)
-    max_length: int = Field(64, gt=8)
+from lmkit.fdkt.config import DPConfig
 
 
 @dataclass
@@ -102,10 +88,7 @@ def dp_finetune(
                 f"{config.epsilon}. Fix: plan more rounds up front (fdkt.rounds) or raise dp.epsilon."
             )
     torch.manual_seed(seed)
-    lora = LoraConfig(
-        r=config.lora_rank, lora_alpha=2 * config.lora_rank, target_modules=["q_proj", "v_proj"]
-    )
-    peft_model = get_peft_model(model, lora)
+    peft_model = get_peft_model(model, config.lora.peft_config())
     rows = [
         tokenizer(t + tokenizer.eos_token, truncation=True, max_length=config.max_length).input_ids
         for t in texts

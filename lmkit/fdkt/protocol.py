@@ -13,34 +13,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import Field
-
-from lmkit.config import StrictModel
 from lmkit.fdkt.audit import exposure, membership_auc
-from lmkit.fdkt.client import SynthConfig, TaskConfig, control_code, sample, train_and_evaluate
+from lmkit.fdkt.client import control_code, sample, train_and_evaluate
+from lmkit.fdkt.config import FDKTConfig
 from lmkit.fdkt.data import Canary, client_data, make_canaries, plant
-from lmkit.fdkt.privacy import ClientPrivacy, DPConfig, dp_finetune
-from lmkit.fdkt.server import LLM, ServerLLMConfig, augment
-from lmkit.loader import ModelSpec, load_model
-
-
-class FDKTConfig(StrictModel):
-    domains: list[str] = Field(default_factory=lambda: ["restaurant", "electronics", "travel"], min_length=1)
-    private_train: int = Field(12, gt=0, description="private records per client (before canaries)")
-    private_test: int = Field(48, gt=0, description="held-out private records per client")
-    rounds: int = Field(1, gt=0)
-    generator: ModelSpec = Field(default_factory=lambda: ModelSpec(source="smollm2-135m", dtype="float32"))
-    dp: DPConfig = Field(default_factory=DPConfig)
-    synth: SynthConfig = Field(default_factory=SynthConfig)
-    server: ServerLLMConfig = Field(default_factory=ServerLLMConfig)
-    augment_per_label: int = Field(16, gt=0, description="augmented samples per label sent to a client")
-    shots: int = Field(3, gt=0)
-    prompts_per_label: int = Field(8, gt=0)
-    task: TaskConfig = Field(default_factory=TaskConfig)
-    canaries: int = Field(4, ge=0, description="canaries planted in client 0's private data")
-    canary_repeats: int = Field(2, gt=0)
-    fail_partitions: list[int] = Field([], description="clients that fail in round 1 (a dropout drill)")
-    seed: int = 0
+from lmkit.fdkt.privacy import ClientPrivacy, dp_finetune
+from lmkit.fdkt.server import LLM, augment
+from lmkit.loader import load_model
 
 
 @dataclass

@@ -16,23 +16,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
-from pydantic import Field
 
-from lmkit.config import StrictModel
+from lmkit.fdkt.config import ServerLLMConfig
 from lmkit.fdkt.data import LABELS
 from lmkit.generation import generate
-from lmkit.loader import ModelSpec, load_model
-
-
-class ServerLLMConfig(StrictModel):
-    """`endpoint` (an OpenAI-compatible base URL, e.g. lmkit serve) when set; else `model` in-process."""
-
-    endpoint: str | None = None
-    served_model_name: str = "base"
-    model: ModelSpec | None = Field(default_factory=lambda: ModelSpec(source="smollm2-135m", dtype="float32"))
-    max_tokens: int = Field(64, gt=0, description="per augmentation reply (filter verdicts use 8)")
-    temperature: float = Field(0.8, ge=0)
-    timeout_s: float = Field(120, gt=0)
+from lmkit.loader import load_model
 
 
 class LLM(Protocol):

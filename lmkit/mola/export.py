@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
+from lmkit.errors import ModelSourceError
 from lmkit.io import write_dir_atomic, write_json_atomic
 from lmkit.mola.model import SHARED, MoLAModel
 
@@ -22,8 +24,7 @@ SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
 def _read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    config = json.loads((path / "adapter_config.json").read_text())
-    return config, load_file(path / "adapter_model.safetensors")
+    return _read_adapter_config(path), load_file(path / "adapter_model.safetensors")
 
 
 def concat_adapters(sources: list[tuple[Path, float]], target: Path) -> Path:
@@ -103,3 +104,33 @@ def adapter_for_gates(
     if shared:
         sources.append((experts_dir / SHARED, 1.0))
     return concat_adapters(sources, target)
+
+
+@dataclass(frozen=True)
+class RouterExport:
+    """What `export_mola` wrote for a MoLA-Router: read in one place, by the server and its checks."""
+
+    path: Path
+    experts: list[str]
+    shared: bool  # a shared LoRA adapter is merged into every mixture
+    embed_dim: int
+    router_hidden: int
+    merged_rank: int  # rank of any mixture: every expert's (and the shared) rank, concatenated
+
+
+def read_router_export(path: Path) -> RouterExport:
+    meta_file = path / "router" / "router.json"
+    if not meta_file.is_file() or not (path / "experts").is_dir():
+        raise ModelSourceError(
+            f"{path} is not an exported MoLA-Router (no router/router.json or experts/). Fix: point to "
+            "<output_dir>/variants/mola_router of a mola recipe run."
+        )
+    meta = json.loads(meta_file.read_text())
+    shared = meta["shared"] == "lora"
+    names = meta["experts"] + ([SHARED] if shared else [])
+    rank = sum(_read_adapter_config(path / "experts" / name)["r"] for name in names)
+    return RouterExport(path, meta["experts"], shared, meta["embed_dim"], meta["router_hidden"], rank)
+
+
+def _read_adapter_config(path: Path) -> dict:
+    return json.loads((path / "adapter_config.json").read_text())

@@ -9,15 +9,17 @@ token embedding (frozen), trained with the task-wise decorrelation (TwD) loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PreTrainedModel
+
+from lmkit.adapters import LoraSpec
 
 SHARED = "shared"
 
@@ -27,10 +29,7 @@ class MoLASettings:
     variant: Literal["grad", "router"]
     experts: list[str]
     shared: Literal["none", "lora", "base"] = "lora"
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora: LoraSpec = field(default_factory=LoraSpec)  # every expert's shape
     router_hidden: int = 64
     twd_weight: float = 0.1
     twd_temperature: float = 1.0
@@ -81,13 +80,7 @@ class MoLAModel(nn.Module):
     def __init__(self, base: PreTrainedModel, settings: MoLASettings) -> None:
         super().__init__()
         self.settings = settings
-        lora = LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=list(settings.target_modules),
-            task_type="CAUSAL_LM",
-        )
+        lora = settings.lora.peft_config(task_type="CAUSAL_LM")
         names = list(settings.experts) + ([SHARED] if settings.shared == "lora" else [])
         self.peft: PeftModel = get_peft_model(base, lora, adapter_name=names[0])
         for name in names[1:]:

@@ -8,7 +8,6 @@ keeps in its LoRA cache instead of loading one per request.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from lmkit.errors import ModelSourceError
-from lmkit.mola.export import adapter_for_gates
+from lmkit.mola.export import adapter_for_gates, read_router_export
 from lmkit.mola.model import Router
 
 
@@ -44,16 +43,10 @@ def _embedding_matrix(model_dir: Path) -> torch.Tensor:
 
 class PromptRouter:
     def __init__(self, name: str, export_dir: Path, model_dir: Path, buckets: int) -> None:
-        meta_file = export_dir / "router" / "router.json"
-        if not meta_file.is_file():
-            raise ModelSourceError(
-                f"{export_dir} is not an exported MoLA-Router (no router/router.json). Fix: point "
-                "to <output_dir>/variants/mola_router of a mola recipe run."
-            )
-        meta = json.loads(meta_file.read_text())
+        export = read_router_export(export_dir)
         self.name, self.export_dir, self.buckets = name, export_dir, buckets
-        self.experts, self.shared = meta["experts"], meta["shared"] == "lora"
-        self.router = Router(meta["embed_dim"], meta["router_hidden"], len(self.experts))
+        self.experts, self.shared = export.experts, export.shared
+        self.router = Router(export.embed_dim, export.router_hidden, len(self.experts))
         weights = load_file(export_dir / "router" / "router.safetensors")
         self.router.load_state_dict({k.removeprefix("router."): v for k, v in weights.items()})
         self.router.eval()

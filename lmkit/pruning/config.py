@@ -9,6 +9,7 @@ from pydantic import Field
 from lmkit.config import StrictModel
 from lmkit.errors import ConfigError
 
+Budget = int | float  # a token count, or a ratio in (0, 1]
 PruneMethod = Literal["freepruner", "random", "uniform", "fastv", "none"]
 
 
@@ -31,7 +32,9 @@ class PruneConfig(StrictModel):
         None, description="shallower vision layer whose attention rows are the patterns; default: halfway"
     )
     fastv_layer: int = Field(2, ge=1, description="method fastv: LM layer K after which image tokens drop")
-    seed: int = Field(0, description="method random: selection seed")
+    seed: int | None = Field(
+        None, description="method random: selection seed (unset: the recipe's seed, or 0)"
+    )
 
 
 def keep_count(keep: int | float, available: int) -> int:

@@ -8,24 +8,11 @@ number of image tokens (as in FastV). Decoding gains are nil for in-LLM pruning 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
 from lmkit.errors import ConfigError
+from lmkit.modeling import eager_attention
 from lmkit.pruning.select import gather_tokens
-
-
-@contextmanager
-def eager_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Run `model` with eager attention (which returns weights), restoring its setting afterwards."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def fastv_next_token_logits(

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from lmkit.batching import pad
 from lmkit.errors import ConfigError
-from lmkit.generation import pad
 from lmkit.pruning.config import PruneConfig, keep_count
 from lmkit.pruning.fastv import fastv_next_token_logits
 from lmkit.pruning.select import gather_tokens
@@ -70,7 +70,7 @@ class PrunedLlava:
         self.deep, self.shallow = scoring_layers(config, hf.vision_feature_layer, len(self.layers))
         self.image_token_id = hf.image_token_id
         self.pad_id = hf.text_config.pad_token_id or 0
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed or 0)
 
     def _recorded_modules(self) -> dict[str, torch.nn.Module]:
         if self.config.method != "freepruner":

@@ -63,3 +63,8 @@ def agreement(reference: torch.Tensor, pruned: torch.Tensor) -> dict[str, float]
     kl = F.kl_div(log_pruned, log_ref, log_target=True, reduction="batchmean")
     top1 = (reference.argmax(-1) == pruned.argmax(-1)).float().mean()
     return {"top1_match": round(float(top1), 4), "kl": round(float(kl), 5)}
+
+
+def ratio(value: float, reference: float) -> float:
+    """A measured quantity relative to the unpruned run, as tables show it."""
+    return round(value / reference, 3)

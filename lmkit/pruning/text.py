@@ -21,8 +21,8 @@ from pydantic import Field
 from lmkit.config import StrictModel
 from lmkit.errors import ConfigError
 from lmkit.generation import format_prompt
+from lmkit.modeling import eager_attention
 from lmkit.pruning.config import keep_count
-from lmkit.pruning.fastv import eager_attention
 from lmkit.pruning.select import select
 
 
@@ -33,7 +33,7 @@ class TextPruneConfig(StrictModel):
     score_layers: int = Field(8, ge=1, description="layers run to score (attention of the last one)")
     pool: int = Field(5, ge=1, description="max-pool width over neighbouring contribution scores (odd)")
     separator: str = "\n\n"
-    seed: int = 0
+    seed: int | None = Field(None, description="method random: selection seed (unset: the recipe's seed)")
 
 
 @dataclass

@@ -205,7 +205,7 @@ class PrunedLlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
         attention = self.encoder_layers[deep].self_attn
         self.local_heads = attention.num_heads_per_partition
         self.split_heads = self.local_heads != config.vision_config.num_attention_heads
-        self.generator = torch.Generator().manual_seed(self.pruning.seed)
+        self.generator = torch.Generator().manual_seed(self.pruning.seed or 0)
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     def _mean_over_ranks(self, attention: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,9 @@ from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from lmkit.generation import pad
+from lmkit.batching import pad
 from lmkit.io import write_dir_atomic, write_json_atomic
-from lmkit.rd.model import LMEncoder
+from lmkit.modeling import LMEncoder
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[list[int]]:

@@ -13,50 +13,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
 
-from lmkit.errors import ConfigError
+from lmkit.modeling import ClassifierOutput, LMEncoder
 from lmkit.rd.cka import cka_loss
 
-Pooling = Literal["mean", "last"]
 Variant = Literal["student_ce", "logit_kd", "feature_mse", "rd"]
-
-
-def truncate_layers(model: PreTrainedModel, num_layers: int) -> PreTrainedModel:
-    """Keep the first `num_layers` decoder layers (e.g. a 6-layer SmolLM2 student from the 30-layer model)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ConfigError(
-            f"num_layers: cannot truncate {type(model).__name__} (no model.layers); leave it unset."
-        )
-    if not 0 < num_layers <= len(layers):
-        raise ConfigError(f"num_layers must be between 1 and {len(layers)} for this model, got {num_layers}.")
-    model.model.layers = nn.ModuleList(list(layers)[:num_layers])
-    model.config.num_hidden_layers = num_layers
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:num_layers]
-    return model
-
-
-class LMEncoder(nn.Module):
-    """Pooled hidden states of one layer of a causal LM (the LM head is never run)."""
-
-    def __init__(self, model: PreTrainedModel, layer: int = -1, pooling: Pooling = "mean") -> None:
-        super().__init__()
-        self.base = model.get_decoder()
-        self.layer, self.pooling = layer, pooling
-        self.hidden_size = model.config.get_text_config().hidden_size
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.base(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.layer != -1
-        )
-        hidden = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        if self.pooling == "mean":
-            return ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).float()
-        last = attention_mask.sum(1) - 1  # right padding
-        return hidden[torch.arange(hidden.shape[0]), last].float()
 
 
 class Reprogrammer(nn.Sequential):
@@ -71,12 +32,6 @@ class Reprogrammer(nn.Sequential):
         )
 
 
-@dataclass
-class Output:
-    loss: torch.Tensor | None
-    logits: torch.Tensor
-
-
 class TeacherProbe(nn.Module):
     """Teacher + reprogramming alone: reprogrammer and classifier trained on frozen teacher features."""
 
@@ -87,9 +42,9 @@ class TeacherProbe(nn.Module):
 
     def forward(
         self, teacher_features: torch.Tensor, labels: torch.Tensor | None = None, **_: torch.Tensor
-    ) -> Output:
+    ) -> ClassifierOutput:
         logits = self.head(self.reprogram(teacher_features))
-        return Output(F.cross_entropy(logits, labels) if labels is not None else None, logits)
+        return ClassifierOutput(F.cross_entropy(logits, labels) if labels is not None else None, logits)
 
 
 @dataclass
@@ -151,31 +106,31 @@ class StudentDistiller(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
         **teacher_inputs: torch.Tensor,
-    ) -> Output:
+    ) -> ClassifierOutput:
         raw = self.student(input_ids, attention_mask)
         shared = self.project(raw)
         logits = self.head(shared)
         if labels is None:
-            return Output(None, logits)
+            return ClassifierOutput(None, logits)
         loss = F.cross_entropy(logits, labels)
         if self.variant == "student_ce":
-            return Output(loss, logits)
+            return ClassifierOutput(loss, logits)
         w, temp = self.weights, self.weights.temperature
         teacher = self._teacher_features(teacher_inputs)
         if self.variant == "feature_mse":
             target = F.layer_norm(teacher, teacher.shape[-1:])
-            return Output(loss + w.kd * F.mse_loss(self.regress(raw), target), logits)
+            return ClassifierOutput(loss + w.kd * F.mse_loss(self.regress(raw), target), logits)
         if self.variant == "logit_kd":
             assert self.probe is not None
             teacher_logits = self.probe(teacher).logits
-            return Output(loss + w.kd * _kl(teacher_logits, logits, temp), logits)
+            return ClassifierOutput(loss + w.kd * _kl(teacher_logits, logits, temp), logits)
         reprogrammed = self.reprogram(teacher)
         hybrid = self.head(reprogrammed)
         decay = self._decay()
         loss = loss + decay * w.hybrid * F.cross_entropy(hybrid, labels)
         loss = loss + decay * w.agreement * _kl(hybrid.detach(), logits, temp)
         loss = loss + w.cka * cka_loss(reprogrammed, shared)
-        return Output(loss, logits)
+        return ClassifierOutput(loss, logits)
 
 
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:

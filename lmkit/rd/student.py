@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
+from lmkit.batching import pad
 from lmkit.errors import ModelSourceError
-from lmkit.generation import pad
 from lmkit.io import write_dir_atomic, write_json_atomic
+from lmkit.modeling import LMEncoder
 from lmkit.rd.features import tokenize
-from lmkit.rd.model import LMEncoder, StudentDistiller
+from lmkit.rd.model import StudentDistiller
 
 
 def export_student(

@@ -1,20 +1,61 @@
-"""`serve/*.yaml`: what `lmkit serve` runs, validated like recipes."""
+"""`serve/*.yaml`: what `lmkit serve` runs, validated like recipes.
+
+`ServeSettings` holds the keys serving itself knows; `ServeConfig` adds one key per installed
+serving extension (`lmkit.serving.extensions`), typed by the extension, so a bad value there is
+reported with its key path like any other.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 
 from lmkit.config import StrictModel, apply_overrides, read_yaml, secret_from_env, validate
 from lmkit.errors import ConfigError
 from lmkit.loader import AdapterSpec, ModelSpec
-from lmkit.pruning.config import PruneConfig
-from lmkit.pruning.vllm_plugin import VLLM_METHODS
+from lmkit.serving.extensions import active, extensions
 from lmkit.serving.guard import path_allowed
+
+SMALL_MACHINE_CORES = 4  # at or below this, the engine gets every core (measured: serve_throughput.md)
+
+
+class CpuPlacement(StrictModel):
+    """Where the engine's threads run on a CPU build (ignored on GPU builds).
+
+    vLLM-CPU by default keeps one core per engine for the API/scheduler process and drops torch to
+    one thread, which on a 2-core machine idles half the CPU. `auto` gives the engine every core on
+    machines with up to SMALL_MACHINE_CORES cores and keeps vLLM's defaults on larger ones, where a
+    reserved core costs little (for NUMA hosts, bind one engine per socket, e.g. bind: "0-31").
+    """
+
+    threads: int | Literal["auto"] = Field(
+        "auto", description="engine torch/OpenMP threads (OMP_NUM_THREADS); auto: all cores on small machines"
+    )
+    reserved_cpus: int | Literal["auto"] = Field(
+        "auto",
+        description="cores kept for the API process (VLLM_CPU_NUM_OF_RESERVED_CPU); auto: 0 when small",
+    )
+    bind: str = Field(
+        "auto",
+        description="VLLM_CPU_OMP_THREADS_BIND: auto, nobind, or core lists like 0-15|16-31 (one per rank)",
+    )
+
+    def env(self, cores: int) -> dict[str, str]:
+        """The environment this placement means on a machine with `cores` usable cores."""
+        small = cores <= SMALL_MACHINE_CORES
+        env = {"VLLM_CPU_OMP_THREADS_BIND": self.bind}
+        threads = cores if self.threads == "auto" and small else self.threads
+        if threads != "auto":
+            env["OMP_NUM_THREADS"] = str(threads)
+        reserved = 0 if self.reserved_cpus == "auto" and small else self.reserved_cpus
+        if reserved != "auto":
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
+        return env
 
 
 class EngineConfig(StrictModel):
@@ -27,6 +68,7 @@ class EngineConfig(StrictModel):
         None, gt=0, le=1, description="GPU: share of GPU memory; vLLM-CPU reads it as a share of host RAM"
     )
     cpu_kvcache_space_gb: int = Field(1, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU builds")
+    cpu: CpuPlacement = Field(default_factory=CpuPlacement)
     tensor_parallel_size: int = Field(1, gt=0)
     pipeline_parallel_size: int = Field(1, gt=0)
     distributed_executor_backend: Literal["mp", "ray"] | None = None
@@ -34,15 +76,14 @@ class EngineConfig(StrictModel):
     extra_args: list[str] = Field([], description="further vLLM flags, verbatim (e.g. [--enforce-eager])")
 
 
-class MoLARouterSpec(StrictModel):
-    """An exported MoLA-Router (`<output_dir>/variants/mola_router` of a mola recipe), served as `name`."""
+class RestartPolicy(StrictModel):
+    """What `lmkit serve` does when the engine dies: exit non-zero (max: 0), or start it again."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    path: Path
-    buckets: int = Field(10, ge=1, le=100, description="gates are rounded to multiples of 1/buckets")
+    max: int = Field(0, ge=0, description="restarts over the server's lifetime; 0 = exit with the cause")
+    backoff_s: float = Field(5.0, ge=0, description="wait before each restart")
 
 
-class ServeConfig(StrictModel):
+class ServeSettings(StrictModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     served_model_name: str = Field("base", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     host: str = "127.0.0.1"
@@ -59,15 +100,12 @@ class ServeConfig(StrictModel):
     max_lora_rank: int = Field(16, gt=0)
     max_loras: int = Field(4, gt=0, description="adapters batched together at once")
     vllm_plugins: list[str] = Field([], description="vLLM plugins to load (VLLM_PLUGINS), e.g. pruned models")
-    mola_routers: list[MoLARouterSpec] = Field([], description="MoLA-Router models, routed per request")
-    prune: PruneConfig | None = Field(
-        None, description="serve a LLaVA-family model with visual tokens pruned (lmkit's vLLM plugin)"
-    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     startup_timeout_s: float = Field(600, gt=0)
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
 
     @model_validator(mode="after")
-    def _check(self) -> ServeConfig:
+    def _check(self) -> ServeSettings:
         if self.model.quantization == "int8":
             raise ValueError(
                 "vLLM quantizes with bitsandbytes in flight to 4-bit only; use model.quantization: nf4 "
@@ -77,11 +115,6 @@ class ServeConfig(StrictModel):
             raise ValueError(
                 "runtime_adapters needs adapter_dirs: the directories runtime loads may read from"
             )
-        if self.prune is not None and self.prune.method not in VLLM_METHODS:
-            raise ValueError(
-                f"prune.method {self.prune.method!r} cannot be served: fastv prunes inside the LM, which "
-                f"vLLM's paged KV cache rules out. Fix: use one of {', '.join(VLLM_METHODS)}"
-            )
         names = [a.name for a in self.model.adapters]
         if self.served_model_name in names:
             raise ValueError(f"served_model_name {self.served_model_name!r} is also an adapter name")
@@ -89,7 +122,8 @@ class ServeConfig(StrictModel):
 
     @property
     def lora_enabled(self) -> bool:
-        return bool(self.model.adapters) or self.runtime_adapters or bool(self.mola_routers)
+        """Adapters are served (static or runtime-loaded); extensions may enable LoRA too."""
+        return bool(self.model.adapters) or self.runtime_adapters
 
     @property
     def base_url(self) -> str:
@@ -99,7 +133,24 @@ class ServeConfig(StrictModel):
         return None if self.api_key_env is None else secret_from_env(self.api_key_env, "api_key_env")
 
 
-def check_bnb_plugin(config: ServeConfig) -> None:
+@cache
+def serve_config_type() -> type[ServeSettings]:
+    """ServeSettings plus one key per installed serving extension."""
+    fields: dict[str, Any] = {
+        ext.key: (ext.annotation, Field(ext.default, description=ext.description)) for ext in extensions()
+    }
+    model = create_model("ServeConfig", __base__=ServeSettings, **fields)
+    model.__doc__ = "A serve YAML: serving's own keys and those of the installed serving extensions."
+    return model
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ServeConfig":  # built on first use: extensions are found through entry points
+        return serve_config_type()
+    raise AttributeError(name)
+
+
+def check_bnb_plugin(config: ServeSettings) -> None:
     """vLLM moved bitsandbytes out of its core (v0.28) into the vllm-bnb-plugin package."""
     if config.model.quantization == "nf4" and importlib.util.find_spec("vllm_bnb_plugin") is None:
         raise ConfigError(
@@ -109,7 +160,7 @@ def check_bnb_plugin(config: ServeConfig) -> None:
         )
 
 
-def check_adapter(adapter: AdapterSpec, config: ServeConfig) -> None:
+def check_adapter(adapter: AdapterSpec, config: ServeSettings) -> None:
     """An adapter must be a peft LoRA dir inside `adapter_dirs` (when set) with rank <= max_lora_rank."""
     roots = [d.resolve() for d in config.adapter_dirs]
     if roots and not path_allowed(str(adapter.path), roots):
@@ -132,32 +183,16 @@ def check_adapter(adapter: AdapterSpec, config: ServeConfig) -> None:
         )
 
 
-def check_router(spec: MoLARouterSpec, config: ServeConfig) -> None:
-    meta_file = spec.path / "router" / "router.json"
-    if not meta_file.is_file() or not (spec.path / "experts").is_dir():
-        raise ConfigError(
-            f"mola_routers {spec.name!r}: {spec.path} is not an exported MoLA-Router. Fix: point to "
-            "<output_dir>/variants/mola_router of a mola recipe run."
-        )
-    meta = json.loads(meta_file.read_text())
-    names = meta["experts"] + (["shared"] if meta["shared"] == "lora" else [])
-    rank = sum(
-        json.loads((spec.path / "experts" / n / "adapter_config.json").read_text())["r"] for n in names
-    )
-    if rank > config.max_lora_rank:
-        raise ConfigError(
-            f"mola_routers {spec.name!r}: its merged adapter has rank {rank} (all experts "
-            f"concatenated) > max_lora_rank {config.max_lora_rank}. Fix: set max_lora_rank to a vLLM "
-            f"rank >= {rank} (8, 16, 32, 64, 128, 256, 320, 512)."
-        )
-
-
-def load_serve_config(path: str | Path, overrides: list[str] | None = None) -> ServeConfig:
-    data = apply_overrides(read_yaml(path), list(overrides or []))
-    config = validate(ServeConfig, data, str(path))
+def check_serve_config(config: ServeSettings) -> ServeSettings:
+    """Checks that read the disk: the bnb plugin, each adapter, each active extension's own."""
     check_bnb_plugin(config)
     for adapter in config.model.adapters:
         check_adapter(adapter, config)
-    for router in config.mola_routers:
-        check_router(router, config)
+    for extension, value in active(config):
+        extension.check(value, config)
     return config
+
+
+def load_serve_config(path: str | Path, overrides: list[str] | None = None) -> ServeSettings:
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    return check_serve_config(validate(serve_config_type(), data, str(path)))

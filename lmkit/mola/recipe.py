@@ -13,15 +13,17 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from lmkit.adapters import LoraSpec
+from lmkit.batching import pad_batch
 from lmkit.config import StrictModel
-from lmkit.data import Example, load_data
+from lmkit.data import DataSpec, Example, load_data
 from lmkit.errors import ConfigError
-from lmkit.generation import encode_for_training, exact_match_by_task, generate, pad_batch
-from lmkit.io import write_jsonl_atomic
-from lmkit.loader import load_model
+from lmkit.generation import encode_for_training, exact_match_by_task, generate
+from lmkit.io import is_main_process, write_jsonl_atomic
+from lmkit.loader import ModelSpec, load_model
 from lmkit.mola.export import export_mola
 from lmkit.mola.model import MoLAModel, MoLASettings
-from lmkit.recipes import Recipe, register_method
+from lmkit.recipes import Method, Recipe
 from lmkit.report import write_report
 from lmkit.training import TrainConfig, Trainer
 
@@ -37,10 +39,7 @@ class MoLASection(StrictModel):
     shared: Literal["none", "lora", "base"] = Field(
         "lora", description="what every task trains in MoLA variants"
     )
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="each expert's (and the shared) LoRA")
     router_hidden: int = Field(64, gt=0)
     twd_weight: float = Field(
         0.1, ge=0, description="task-wise decorrelation loss weight (reference code: 0.1)"
@@ -52,16 +51,15 @@ class MoLASection(StrictModel):
 
 class MoLARecipe(Recipe):
     method: Literal["mola"]
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec
     mola: MoLASection = Field(default_factory=MoLASection)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def _settings(section: MoLASection, variant: VariantName, tasks: list[str]) -> MoLASettings:
     common = {
-        "r": section.r,
-        "alpha": section.alpha,
-        "dropout": section.dropout,
-        "target_modules": tuple(section.target_modules),
+        "lora": section.lora,
         "router_hidden": section.router_hidden,
         "twd_weight": section.twd_weight,
         "twd_temperature": section.twd_temperature,
@@ -100,12 +98,58 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _train_variant(
+    recipe: MoLARecipe,
+    variant: VariantName,
+    tasks: list[str],
+    data: dict[str, tuple[list[Example], list[int]]],
+    resume: bool,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Train one variant on the shared data; its exact match per task and what it exports for serving."""
+    section, out = recipe.mola, recipe.output_dir / "variants" / variant
+    (train_examples, train_ids), (eval_examples, eval_ids) = data["train"], data["eval"]
+    torch.manual_seed(recipe.seed)
+    loaded = load_model(recipe.model)
+    model = MoLAModel(loaded.model, _settings(section, variant, tasks))
+    route = [0] * len(train_ids) if variant == "single_lora" else train_ids
+    rows = [
+        {**encode_for_training(loaded.tokenizer, e, recipe.train.max_length), "task_id": t}
+        for e, t in zip(train_examples, route, strict=True)
+    ]
+    trainer = Trainer(
+        model,
+        rows,
+        partial(collate, pad_id=loaded.tokenizer.pad_token_id),
+        recipe.train,
+        out,
+        before_optimizer_step=model.release_unrouted_grads,
+    )
+    trainer.train(resume=resume)
+    answers = generate(
+        model,
+        loaded.tokenizer,
+        [e["input"] for e in eval_examples],
+        section.max_new_tokens,
+        section.generate_batch_size,
+        variant,
+        per_prompt={"task_ids": [0] * len(eval_ids) if variant == "single_lora" else eval_ids},
+    )
+    if not is_main_process():
+        return exact_match_by_task(eval_examples, answers), {}  # rank 0 writes samples and exports
+    write_jsonl_atomic(
+        out / "samples.jsonl", [{**e, "prediction": a} for e, a in zip(eval_examples, answers, strict=True)]
+    )
+    return exact_match_by_task(eval_examples, answers), export_mola(model, out)
+
+
 def run(recipe: MoLARecipe, resume: bool) -> dict[str, Any]:
-    out, section = recipe.output_dir, recipe.mola
+    section = recipe.mola
     train_examples, eval_examples = load_data(recipe.data)
     tasks = section.tasks or sorted({e.get("task", "") for e in train_examples} - {"", "default"})
-    train_ids = task_ids_for(train_examples, tasks, "train data")
-    eval_ids = task_ids_for(eval_examples, tasks, "eval data")
+    data = {
+        "train": (train_examples, task_ids_for(train_examples, tasks, "train data")),
+        "eval": (eval_examples, task_ids_for(eval_examples, tasks, "eval data")),
+    }
     if len(tasks) < 2:
         raise ConfigError(
             f"MoLA mixes adapters over tasks; the data has {len(tasks)} task(s). Fix: use >= 2 tasks."
@@ -113,41 +157,18 @@ def run(recipe: MoLARecipe, resume: bool) -> dict[str, Any]:
     scores: dict[str, dict[str, float]] = {}
     served: dict[str, dict[str, str]] = {}
     for variant in section.variants:
-        torch.manual_seed(recipe.seed)
-        loaded = load_model(recipe.model)
-        settings = _settings(section, variant, tasks)
-        model = MoLAModel(loaded.model, settings)
-        route = [0] * len(train_ids) if variant == "single_lora" else train_ids
-        rows = [
-            {**encode_for_training(loaded.tokenizer, e, recipe.train.max_length), "task_id": t}
-            for e, t in zip(train_examples, route, strict=True)
-        ]
-        trainer = Trainer(
-            model,
-            rows,
-            partial(collate, pad_id=loaded.tokenizer.pad_token_id),
-            recipe.train,
-            out / "variants" / variant,
-            before_optimizer_step=model.release_unrouted_grads,
-        )
-        trainer.train(resume=resume)
-        eval_route = [0] * len(eval_ids) if variant == "single_lora" else eval_ids
-        answers = generate(
-            model,
-            loaded.tokenizer,
-            [e["input"] for e in eval_examples],
-            section.max_new_tokens,
-            section.generate_batch_size,
-            variant,
-            per_prompt={"task_ids": eval_route},
-        )
-        scores[variant] = exact_match_by_task(eval_examples, answers)
-        write_jsonl_atomic(
-            out / "variants" / variant / "samples.jsonl",
-            [{**e, "prediction": a} for e, a in zip(eval_examples, answers, strict=True)],
-        )
-        served[variant] = export_mola(model, out / "variants" / variant)
+        scores[variant], served[variant] = _train_variant(recipe, variant, tasks, data, resume)
+    return _report(recipe, tasks, len(eval_examples), scores, served)
 
+
+def _report(
+    recipe: MoLARecipe,
+    tasks: list[str],
+    eval_count: int,
+    scores: dict[str, dict[str, float]],
+    served: dict[str, dict[str, str]],
+) -> dict[str, Any]:
+    section = recipe.mola
     results = {
         "method": "mola",
         "model": recipe.model.source,
@@ -160,17 +181,17 @@ def run(recipe: MoLARecipe, resume: bool) -> dict[str, Any]:
     columns = list(scores)
     rows_out = [[task, *(scores[v].get(task, "-") for v in columns)] for task in [*tasks, "overall"]]
     write_report(
-        out,
-        f"MoLA on {recipe.model.source}: exact match on {len(eval_examples)} held-out examples",
+        recipe.output_dir,
+        f"MoLA on {recipe.model.source}: exact match on {eval_count} held-out examples",
         results,
         ["task", *columns],
         rows_out,
         [
             f"same data, {recipe.train.max_steps} steps of batch {recipe.train.batch_size} per variant; "
-            f"rank {section.r} per adapter, shared part: {section.shared}"
+            f"rank {section.lora.r} per adapter, shared part: {section.shared}"
         ],
     )
     return results
 
 
-register_method("mola", MoLARecipe, run, "mixture of LoRA adapters (MoLA-Grad, MoLA-Router) with baselines")
+METHOD = Method(MoLARecipe, run, "mixture of LoRA adapters (MoLA-Grad, MoLA-Router) with baselines")

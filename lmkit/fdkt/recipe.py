@@ -15,27 +15,33 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from lmkit.data import DataSpec
 from lmkit.errors import ConfigError
-from lmkit.fdkt.protocol import FDKTConfig, client_train, run_inprocess
-from lmkit.fdkt.server import server_llm
+from lmkit.fdkt.config import FDKTConfig
 from lmkit.io import write_json_atomic
-from lmkit.recipes import Recipe, register_method
+from lmkit.recipes import Method, Recipe
 from lmkit.report import write_report
 
 
 class FDKTRecipe(Recipe):
+    """Client data comes from `fdkt.domains`; every model is named under `fdkt`."""
+
     method: Literal["fdkt"]
-    data: DataSpec | None = Field(
-        None, description="unused: each client's private data comes from fdkt.domains"
-    )
     fdkt: FDKTConfig = Field(default_factory=FDKTConfig)
     epsilons: list[float] = Field(default_factory=lambda: [1.0, 4.0, 8.0, math.inf], min_length=1)
     runner: Literal["flower", "inprocess"] = Field(
         "flower", description="flower: Flower simulation (needs the federated extra); inprocess: plain loop"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_seed(cls, data: object) -> object:
+        """Client seeds derive from the recipe's seed (seed + client); a second seed would be ignored."""
+        fdkt = data.get("fdkt") if isinstance(data, dict) else None
+        if isinstance(fdkt, dict) and ("seed" in fdkt or "seed" in (fdkt.get("task", {}).get("train") or {})):
+            raise ValueError("fdkt.seed and fdkt.task.train.seed are not settable: set the recipe's seed")
+        return data
 
 
 def _label(epsilon: float) -> str:
@@ -59,6 +65,9 @@ def _check_runner(recipe: FDKTRecipe) -> None:
 
 def _federate(recipe: FDKTRecipe, config: FDKTConfig) -> dict[str, Any]:
     if recipe.runner == "inprocess":
+        from lmkit.fdkt.protocol import run_inprocess
+        from lmkit.fdkt.server import server_llm
+
         return run_inprocess(config, server_llm(config.server))
     from lmkit.fdkt.flower_app import run_flower
 
@@ -77,6 +86,8 @@ def _saved(path: Path, resume: bool, settings: FDKTConfig, compute) -> Any:
 
 def run(recipe: FDKTRecipe, resume: bool) -> dict[str, Any]:
     _check_runner(recipe)  # before any training, not after
+    from lmkit.fdkt.protocol import client_train  # needs opacus: imported once run_recipe checked it
+
     base = recipe.fdkt.model_copy(update={"seed": recipe.seed})
     clients = range(len(base.domains))
     stages = recipe.output_dir / "stages"
@@ -121,4 +132,9 @@ def run(recipe: FDKTRecipe, resume: bool) -> dict[str, Any]:
     return results
 
 
-register_method("fdkt", FDKTRecipe, run, "federated domain knowledge transfer (DP synthesis + server LLM)")
+METHOD = Method(
+    FDKTRecipe,
+    run,
+    "federated domain knowledge transfer (DP synthesis + server LLM)",
+    requires={"opacus": "dp", "dp_accounting": "dp"},
+)

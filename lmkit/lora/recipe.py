@@ -10,25 +10,20 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import get_peft_model, prepare_model_for_kbit_training
 from pydantic import Field
 
+from lmkit.adapters import LoraSpec
+from lmkit.batching import pad_batch
 from lmkit.config import StrictModel
-from lmkit.data import load_data
+from lmkit.data import DataSpec, load_data
 from lmkit.errors import ConfigError
-from lmkit.generation import encode_for_training, exact_match_by_task, generate, pad_batch
-from lmkit.io import write_dir_atomic, write_jsonl_atomic
-from lmkit.loader import AdapterSpec, load_model
-from lmkit.recipes import Recipe, register_method
+from lmkit.generation import encode_for_training, exact_match_by_task, generate
+from lmkit.io import is_main_process, write_dir_atomic, write_jsonl_atomic
+from lmkit.loader import AdapterSpec, ModelSpec, load_model
+from lmkit.recipes import Method, Recipe
 from lmkit.report import write_report
 from lmkit.training import TrainConfig, Trainer
-
-
-class LoraSection(StrictModel):
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 class GenerateSection(StrictModel):
@@ -39,8 +34,10 @@ class GenerateSection(StrictModel):
 
 class LoraRecipe(Recipe):
     method: Literal["lora"]
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec
     adapter_name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    lora: LoraSection = Field(default_factory=LoraSection)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
     train: TrainConfig = Field(default_factory=TrainConfig)
     generate: GenerateSection = Field(default_factory=GenerateSection)
 
@@ -53,8 +50,9 @@ def run(recipe: LoraRecipe, resume: bool) -> dict[str, Any]:
         )
     out = recipe.output_dir
     train_examples, eval_examples = load_data(recipe.data)
-    write_jsonl_atomic(out / "data" / "train.jsonl", train_examples)
-    write_jsonl_atomic(out / "data" / "eval.jsonl", eval_examples)
+    if is_main_process():
+        write_jsonl_atomic(out / "data" / "train.jsonl", train_examples)
+        write_jsonl_atomic(out / "data" / "eval.jsonl", eval_examples)
     prompts = [e["input"] for e in eval_examples]
     gen = recipe.generate
 
@@ -70,17 +68,7 @@ def run(recipe: LoraRecipe, resume: bool) -> dict[str, Any]:
     if recipe.model.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(recipe.seed)
-    lora = recipe.lora
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = get_peft_model(model, recipe.lora.peft_config(task_type="CAUSAL_LM"))
     tokenizer = loaded.tokenizer
     rows = [encode_for_training(tokenizer, e, recipe.train.max_length) for e in train_examples]
     trainer = Trainer(model, rows, partial(pad_batch, pad_id=tokenizer.pad_token_id), recipe.train, out)
@@ -99,6 +87,8 @@ def run(recipe: LoraRecipe, resume: bool) -> dict[str, Any]:
         reloaded.model, reloaded.tokenizer, prompts, gen.max_new_tokens, gen.batch_size, "adapted model"
     )
     scores = exact_match_by_task(eval_examples, predictions)
+    if not is_main_process():
+        return {"adapter": str(adapter_dir), "training": stats}  # rank 0 writes samples and report
     write_jsonl_atomic(
         out / "samples.jsonl",
         [
@@ -136,4 +126,4 @@ def run(recipe: LoraRecipe, resume: bool) -> dict[str, Any]:
     return results
 
 
-register_method("lora", LoraRecipe, run, "fine-tune one LoRA adapter, reload it and generate")
+METHOD = Method(LoraRecipe, run, "fine-tune one LoRA adapter, reload it and generate")

@@ -16,11 +16,9 @@ from typing import Any
 import httpx
 
 from lmkit.mola.router import PromptRouter, bucket
+from lmkit.mola.serving import ROUTERS_ENV
 from lmkit.serving.asgi import header, json_error, read_body, replayer, with_body_length
 
-ROUTERS_ENV = (
-    "LMKIT_MOLA_ROUTERS"  # JSON: {"server": url, "model_dir": path, "routers": [{name, path, buckets}]}
-)
 ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 

@@ -1,0 +1,1 @@
+"""Plain LoRA fine-tuning (peft): the quickstart method."""
