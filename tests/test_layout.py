@@ -112,6 +112,17 @@ def test_a_missing_extra_costs_only_the_method_that_needs_it(tmp_path, hidden):
         assert "method fdkt needs" in report["fdkt"] and "lmkit[dp]" in report["fdkt"]
 
 
+@pytest.mark.parametrize(
+    "module", ["lmkit.mola.routing", "lmkit.pruning.serving", "lmkit.serving.extensions"]
+)
+def test_a_serving_extension_imports_first_without_a_circle(module):
+    """vLLM imports middlewares by name in a fresh process, in whatever order the flags give."""
+    code = f"import {module}; from lmkit.serving import ServeConfig; print(sorted(ServeConfig.model_fields))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "mola_routers" in done.stdout and "prune" in done.stdout
+
+
 def test_readme_methods_table_matches_the_registry():
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- methods-table -->")[1]

@@ -39,7 +39,9 @@ class FDKTRecipe(Recipe):
     def _one_seed(cls, data: object) -> object:
         """Client seeds derive from the recipe's seed (seed + client); a second seed would be ignored."""
         fdkt = data.get("fdkt") if isinstance(data, dict) else None
-        if isinstance(fdkt, dict) and ("seed" in fdkt or "seed" in (fdkt.get("task", {}).get("train") or {})):
+        task = fdkt.get("task") if isinstance(fdkt, dict) else None
+        train = task.get("train") if isinstance(task, dict) else None
+        if isinstance(fdkt, dict) and ("seed" in fdkt or (isinstance(train, dict) and "seed" in train)):
             raise ValueError("fdkt.seed and fdkt.task.train.seed are not settable: set the recipe's seed")
         return data
 

@@ -15,8 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import httpx
-
 from lmkit.fdkt.config import ServerLLMConfig
 from lmkit.fdkt.data import LABELS
 from lmkit.generation import generate
@@ -41,6 +39,8 @@ class EndpointLLM:
             "max_tokens": max_tokens,
             "temperature": self.config.temperature,
         }
+        import httpx  # only the endpoint path needs it (serve, eval and federated extras bring it)
+
         response = httpx.post(self.url, json=body, timeout=self.config.timeout_s)
         response.raise_for_status()
         return response.json()["choices"][0]["message"]["content"] or ""
