@@ -13,17 +13,21 @@ from typing import Any
 WRITE_LOG_ENV = "LMKIT_WRITE_LOG"  # a file; each atomic write appends "<rank>\t<path>" (audits, DDP tests)
 
 
+def _rank() -> str:
+    return os.environ.get("RANK", "0")  # set by torchrun / accelerate for multi-process launches
+
+
 def is_main_process() -> bool:
-    """False on every rank but 0 of a multi-process launch (torchrun / accelerate set RANK): those
-    ranks compute the same results and must not write them a second time."""
-    return os.environ.get("RANK", "0") == "0"
+    """False on every rank but 0 of a multi-process launch: those ranks compute the same results and
+    must not write them a second time."""
+    return _rank() == "0"
 
 
 def _log_write(path: Path) -> None:
     log = os.environ.get(WRITE_LOG_ENV)
     if log:
         with open(log, "a", encoding="utf-8") as handle:
-            handle.write(f"{os.environ.get('RANK', '0')}\t{path.resolve()}\n")
+            handle.write(f"{_rank()}\t{path.resolve()}\n")
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -31,6 +31,18 @@ class Launch:
     lora: bool = False  # the engine must start with --enable-lora
     adapter_dirs: list[Path] = field(default_factory=list)  # roots runtime adapter loads may read
 
+    @classmethod
+    def combine(cls, launches: list[Launch]) -> Launch:
+        """Every active extension's additions, in extension order."""
+        return cls(
+            argv=[a for launch in launches for a in launch.argv],
+            env={k: v for launch in launches for k, v in launch.env.items()},
+            middleware=[m for launch in launches for m in launch.middleware],
+            plugins=[p for launch in launches for p in launch.plugins],
+            lora=any(launch.lora for launch in launches),
+            adapter_dirs=[d for launch in launches for d in launch.adapter_dirs],
+        )
+
 
 class ServingExtension:
     """Base class: a key that is unset (None or empty) leaves serving untouched."""

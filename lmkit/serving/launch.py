@@ -66,15 +66,10 @@ def prepare_model_dir(config: ServeSettings) -> Path:
 def build_command(config: ServeSettings, model_dir: Path) -> tuple[list[str], dict[str, str]]:
     """The vLLM argv and the environment additions for `config` serving `model_dir`."""
     engine = config.engine
-    launches = [extension.launch(value, config, model_dir) for extension, value in active(config)]
-    added = Launch(
-        argv=[a for launch in launches for a in launch.argv],
-        env={k: v for launch in launches for k, v in launch.env.items()},
-        middleware=[m for launch in launches for m in launch.middleware],
-        plugins=[p for launch in launches for p in launch.plugins],
-        lora=any(launch.lora for launch in launches),
-        adapter_dirs=[d for launch in launches for d in launch.adapter_dirs],
+    added = Launch.combine(
+        [extension.launch(value, config, model_dir) for extension, value in active(config)]
     )
+    lora = config.lora_enabled or added.lora
     argv = [*vllm_argv(config, model_dir), "--middleware", GUARD]
     if engine.max_num_seqs is not None:
         argv += ["--max-num-seqs", str(engine.max_num_seqs)]
@@ -84,7 +79,7 @@ def build_command(config: ServeSettings, model_dir: Path) -> tuple[list[str], di
         argv += ["--distributed-executor-backend", engine.distributed_executor_backend]
     if config.model.quantization == "nf4":
         argv += ["--quantization", "bitsandbytes"]  # in-flight NF4 through vllm-bnb-plugin
-    if config.lora_enabled or added.lora:
+    if lora:
         argv += [
             "--enable-lora",
             "--max-lora-rank",
@@ -108,7 +103,7 @@ def build_command(config: ServeSettings, model_dir: Path) -> tuple[list[str], di
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.update(added.env)
     if config.vllm_plugins:  # an allow-list: keep the plugins that active extensions and LoRA need on it
-        lora_fix = [LORA_FIX_PLUGIN] if "--enable-lora" in argv else []
+        lora_fix = [LORA_FIX_PLUGIN] if lora else []
         env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*config.vllm_plugins, *added.plugins, *lora_fix]))
     key = config.api_key()
     if key:
