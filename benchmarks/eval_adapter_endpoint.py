@@ -66,7 +66,7 @@ def train_adapter(out: Path, train_file: Path, seed: int) -> Path:
     an earlier run trained the same recipe: delete the output directory to retrain)."""
     recipe = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
     recipe.update(
-        data={"train_file": str(train_file)},
+        data={"sources": [{"source": str(train_file)}]},
         output_dir=str(out / "train"),
         seed=seed,
         adapter_name="sst2",

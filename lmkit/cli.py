@@ -52,6 +52,34 @@ def _cmd_methods(args: argparse.Namespace) -> None:
             out.print(f"needs the extra(s): {extras}\n")
 
 
+def _cmd_data_preview(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lmkit.config import read_yaml
+    from lmkit.data.preview import print_preview
+    from lmkit.errors import ConfigError
+
+    if "method" in read_yaml(args.file):
+        from lmkit.data import DataSpec, load_data
+        from lmkit.recipes import load_recipe
+
+        recipe = load_recipe(args.file, args.overrides)
+        data = getattr(recipe, "data", None)
+        if not isinstance(data, DataSpec):
+            raise ConfigError(
+                f"{args.file}: method {recipe.method} reads no data section; nothing to preview."
+            )
+        train, evaluation = load_data(data)
+        splits = {"train": train, "eval": evaluation}
+    else:  # an eval task file (evals/tasks/*.yaml)
+        from lmkit.evals.config import load_local_task
+        from lmkit.evals.quality import task_examples
+
+        task = load_local_task(Path(args.file))
+        splits = {f"eval task {task.name}": task_examples(task, 0)}
+    print_preview(Console(), splits, args.count)
+
+
 def _cmd_models(args: argparse.Namespace) -> None:
     from lmkit.loader import ALIASES, cache_root, list_materialized
 
@@ -157,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list the methods and every recipe key each accepts, documented")
     methods.add_argument("name", nargs="?", help="one method (default: all)")
     methods.set_defaults(func=_cmd_methods)
+
+    data = sub.add_parser("data", help="look at a recipe's (or eval task file's) data").add_subparsers(
+        dest="data_command", required=True
+    )
+    preview = data.add_parser("preview", help="the first rendered examples and the label distribution")
+    preview.add_argument("file", help="a recipe (recipes/*.yaml) or an eval task file (evals/tasks/*.yaml)")
+    preview.add_argument("overrides", nargs="*", help="e.g. data.sources[0].limit=100 (recipes only)")
+    preview.add_argument("-n", "--count", type=int, default=5, help="examples shown per split")
+    preview.set_defaults(func=_cmd_data_preview)
 
     models = sub.add_parser("models", help="list model aliases and materialized copies in the cache")
     models.set_defaults(func=_cmd_models)

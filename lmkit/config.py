@@ -52,24 +52,47 @@ def _parse_value(raw: str) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides; values are parsed as YAML (`3`, `1e-4`, `true`, `[a, b]`)."""
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (`3`, `1e-4`, `true`, `[a, b]`).
+
+    A list item is addressed by its index: `data.sources[1].limit=500`.
+    """
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(
                 f"Override {item!r} is not of the form key.path=value (e.g. train.max_steps=20)."
             )
-        value = _parse_value(raw)
-        node = data
-        parts = key.split(".")
-        for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                where = ".".join(parts[: depth + 1])
-                raise ConfigError(f"Override {item!r}: {where} is a value, not a section.")
-            node = child
-        node[parts[-1]] = value
+        steps: list[str | int] = []
+        for part in key.split("."):
+            match = OVERRIDE_PART.match(part)
+            if not match:
+                raise ConfigError(f"Override {item!r}: {part!r} is not a key (or key[index]).")
+            steps.append(match.group(1))
+            steps += [int(i) for i in re.findall(r"\[(\d+)\]", match.group(2))]
+        node: Any = data
+        for depth, step in enumerate(steps[:-1]):
+            node = _child(node, step, item, steps[: depth + 1])
+        last = steps[-1]
+        if isinstance(last, int):
+            _child(node, last, item, steps)  # the index must exist
+        node[last] = _parse_value(raw)
     return data
+
+
+OVERRIDE_PART = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
+
+
+def _child(node: Any, step: str | int, item: str, path: list[str | int]) -> Any:
+    where = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path).lstrip(".")
+    if isinstance(step, int):
+        if not isinstance(node, list) or step >= len(node):
+            size = len(node) if isinstance(node, list) else "no"
+            raise ConfigError(f"Override {item!r}: {where} does not exist ({size} items there).")
+        return node[step]
+    child = node.setdefault(step, {})
+    if not isinstance(child, dict | list):
+        raise ConfigError(f"Override {item!r}: {where} is a value, not a section.")
+    return child
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

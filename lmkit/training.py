@@ -25,6 +25,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from lmkit.config import StrictModel
+from lmkit.early_stopping import EarlyStopping, Validator, split_validation
 from lmkit.errors import LmkitError
 from lmkit.io import write_dir_atomic, write_json_atomic, write_jsonl_atomic
 
@@ -47,6 +48,9 @@ class TrainConfig(StrictModel):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(5, gt=0)
     seed: int | None = Field(None, description="data order and initialization; unset: the recipe's seed")
+    early_stopping: EarlyStopping | None = Field(
+        None, description="stop on a validation split's loss and keep the best weights; max_steps caps it"
+    )
 
 
 def _batch_order(n_examples: int, steps: int, global_batch: int, seed: int) -> list[int]:
@@ -107,6 +111,10 @@ class Trainer:
             cpu=torch.accelerator.current_accelerator() is None,
         )
         self.seed = config.seed or 0
+        self.validator: Validator | None = None
+        if config.early_stopping is not None:
+            self.rows, held_out = split_validation(rows, config.early_stopping.validation_fraction, self.seed)
+            self.validator = Validator(config.early_stopping, held_out, collate)
         torch.manual_seed(self.seed)
         random.seed(self.seed)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -154,7 +162,10 @@ class Trainer:
                     },
                     tmp / "optimizer.pt",
                 )
-                write_json_atomic(tmp / "trainer_state.json", {"step": self.step, "history": self.history})
+                state = {"step": self.step, "history": self.history}
+                if self.validator is not None:
+                    state["validator"] = self.validator.state_dict()
+                write_json_atomic(tmp / "trainer_state.json", state)
 
             write_dir_atomic(target, fill)
             for _, old in _checkpoints(self.output_dir)[: -self.config.keep_checkpoints]:
@@ -179,6 +190,23 @@ class Trainer:
         random.setstate(state["python_rng"])
         trainer_state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.history = trainer_state["step"], trainer_state["history"]
+        if self.validator is not None and "validator" in trainer_state:
+            self.validator.load_state_dict(trainer_state["validator"])
+
+    def _validate(self) -> None:
+        """Measure the validation loss; keep the weights when they are the best so far."""
+        assert self.validator is not None
+        loss = self.validator.loss(self.model, self.accelerator.device)
+        if self.validator.update(self.step, loss) and self.accelerator.is_main_process:
+            write_dir_atomic(
+                self.output_dir / "best",
+                lambda tmp: save_file(_trainable_state(self.unwrapped), tmp / "trainable.safetensors"),
+            )
+        self.accelerator.print(f"step {self.step}: validation loss {loss:.4f}")
+
+    def _finished(self) -> bool:
+        stopped = self.validator is not None and self.validator.should_stop
+        return stopped or self.step >= self.config.max_steps
 
     def train(self, resume: bool = False) -> dict[str, Any]:
         cfg, acc = self.config, self.accelerator
@@ -205,7 +233,7 @@ class Trainer:
         with Progress(*columns, disable=not acc.is_main_process) as progress:
             bar = progress.add_task("train", total=cfg.max_steps, completed=self.step, loss="-")
             try:
-                while self.step < cfg.max_steps:
+                while not self._finished():
                     if self.on_step is not None:
                         self.on_step(self.step)
                     window = order[self.step * per_step : (self.step + 1) * per_step]
@@ -241,7 +269,12 @@ class Trainer:
                     progress.update(bar, completed=self.step, loss=f"{step_loss:.4f}")
                     if self.step % cfg.log_every == 0:
                         acc.print(f"step {self.step}/{cfg.max_steps} loss {step_loss:.4f}")
-                    if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                    validate_now = (
+                        self.step % cfg.early_stopping.eval_every == 0 if cfg.early_stopping else False
+                    )
+                    if self.validator is not None and (validate_now or self.step == cfg.max_steps):
+                        self._validate()
+                    if self.step % cfg.save_every == 0 or self._finished():
                         self.save_checkpoint()
             except KeyboardInterrupt:
                 saved = self.save_checkpoint()
@@ -250,14 +283,30 @@ class Trainer:
                     "Rerun the same command with --resume to continue."
                 ) from None
         elapsed = time.perf_counter() - started
+        stopping = self._restore_best()
         self._check_ranks_in_sync()
-        return {
+        return stopping | {
             "processes": acc.num_processes,
             "steps": self.step,
             "final_loss": self.history[-1]["loss"] if self.history else None,
             "first_loss": self.history[0]["loss"] if self.history else None,
             "train_seconds": round(elapsed, 2),
             "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1),
+        }
+
+    def _restore_best(self) -> dict[str, Any]:
+        """Load the best validation weights into the model; what early stopping decided."""
+        if self.validator is None:
+            return {}
+        self.accelerator.wait_for_everyone()
+        best = self.output_dir / "best" / "trainable.safetensors"
+        self.unwrapped.load_state_dict(load_file(best), strict=False)
+        return {
+            "validation_rows": len(self.validator.rows),
+            "best_step": self.validator.best_step,
+            "best_validation_loss": round(self.validator.best_loss or 0.0, 5),
+            "stopped_early": self.validator.should_stop,
+            "validation_losses": self.validator.losses,
         }
 
 

@@ -89,7 +89,9 @@ def test_model_spec_accepts_a_bare_source_and_checks_adapters():
 
 
 def test_data_needs_exactly_one_source(tmp_path):
-    with pytest.raises(ConfigError, match="exactly one of data.generate or data.train_file"):
+    with pytest.raises(ConfigError, match="exactly one of data.sources or data.generate"):
         load_recipe(
-            write_recipe(tmp_path, data={"generate": {"tasks": ["sentiment"]}, "train_file": "x.jsonl"})
+            write_recipe(
+                tmp_path, data={"generate": {"tasks": ["sentiment"]}, "sources": [{"source": "x.jsonl"}]}
+            )
         )

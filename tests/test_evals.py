@@ -39,7 +39,7 @@ def mc_task(tmp_path: Path, short_is_right: bool) -> Path:
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     return write(
         tmp_path / "mc_task.yaml",
-        {"name": "known_mc", "kind": "multiple_choice", "file": "mc.jsonl", "prompt": "{{input}}"},
+        {"name": "known_mc", "kind": "multiple_choice", "source": "mc.jsonl", "prompt": "{{input}}"},
     )
 
 
@@ -62,6 +62,7 @@ def test_local_multiple_choice_task_has_the_known_score(tmp_path, short_is_right
     assert results["quality"]["lmkit_known_mc"]["acc,none"] == expected
     assert ["quality", "lmkit_known_mc", "acc", expected] in results["rows"]
     assert results["memory"]["model_mb"] > 0
+    assert results["prompt_format"] == {"chat_template": False, "adapter_recorded": None, "warnings": []}
     assert (out / "quality.png").stat().st_size > 1000
     assert "| quality | lmkit_known_mc | acc |" in (out / "summary.md").read_text()
     assert len((out / "samples.jsonl").read_text().splitlines()) == 12
@@ -78,9 +79,12 @@ def test_generation_and_classification_tasks_run_from_generated_data(tmp_path):
 @pytest.mark.parametrize(
     ("task", "message"),
     [
-        ({"name": "t", "kind": "ranking", "file": "x.jsonl"}, "kind: Input should be"),
-        ({"name": "t", "kind": "generation"}, "set exactly one of generate or file"),
-        ({"name": "t", "kind": "classification", "generate": {"task": "sentiment"}}, "choices are required"),
+        ({"name": "t", "kind": "ranking", "source": "x.jsonl"}, "kind: Input should be"),
+        ({"name": "t", "kind": "generation"}, "set exactly one of generate or source"),
+        (
+            {"name": "t", "kind": "classification", "generate": {"task": "sentiment"}},
+            "choices \\(or label_names\\) are required",
+        ),
         (
             {"name": "bad name", "kind": "generation", "generate": {"task": "sentiment"}},
             "name: String should match",
@@ -96,7 +100,7 @@ def test_malformed_task_file_is_a_clear_error(tmp_path, task, message):
 
 def test_target_not_among_choices_is_a_clear_error(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"input": "q", "target": "c", "choices": ["a", "b"]}) + "\n")
-    task = write(tmp_path / "task.yaml", {"name": "t", "kind": "multiple_choice", "file": "d.jsonl"})
+    task = write(tmp_path / "task.yaml", {"name": "t", "kind": "multiple_choice", "source": "d.jsonl"})
     with pytest.raises(ConfigError, match=r"target 'c' is not one of its choices"):
         run_suite(load_suite(suite_file(tmp_path, [task])))
 

@@ -52,6 +52,8 @@ def test_cli_run_trains_saves_reloads_and_reports(tmp_path):
     assert results["training"]["final_loss"] < results["training"]["first_loss"]
     assert set(results["exact_match_adapted"]) == {"overall", "sentiment", "uppercase"}
     assert (out / "adapter" / "adapter_config.json").is_file()
+    recorded = json.loads((out / "adapter" / "lmkit_prompt.json").read_text())  # how to prompt it
+    assert recorded == {"chat_template": True, "templates": {"sentiment": None, "uppercase": None}}
     assert "| task | base | adapted |" in (out / "summary.md").read_text()
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 and all("prediction" in s for s in samples)
@@ -123,25 +125,47 @@ def test_user_files_jsonl_and_csv(tmp_path):
     jsonl.write_text(
         "".join(json.dumps({"input": f"q{i}", "target": f"a{i}", "task": "t"}) + "\n" for i in range(20))
     )
-    train, held_out = load_data(DataSpec(train_file=jsonl))
+    spec = {"source": str(jsonl), "columns": {"task": "task"}}
+    train, held_out = load_data(DataSpec(sources=[spec]))
     assert len(train) == 18 and len(held_out) == 2
+    assert {e["task"] for e in train + held_out} == {"t"}
+    assert sorted(e["input"] for e in train + held_out) == sorted(f"q{i}" for i in range(20))
     csv_file = tmp_path / "eval.csv"
     csv_file.write_text("input,target\nhello,world\n")
-    _, evaluation = load_data(DataSpec(train_file=jsonl, eval_file=csv_file))
+    _, evaluation = load_data(DataSpec(sources=[{"source": str(jsonl), "eval": {"source": str(csv_file)}}]))
     assert evaluation == [{"task": "default", "input": "hello", "target": "world"}]
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        ('{"input": "x"}\n', r"train.jsonl:1: field\(s\) \['target'\] missing"),
-        ('{"input": "x", "target": "y"}\n{oops\n', r"train.jsonl:2: not valid JSON"),
-        ("[1, 2]\n", r"train.jsonl:1: expected an object"),
-        ("", "holds no records"),
-    ],
-)
-def test_bad_data_files_name_file_and_line(tmp_path, content, message):
-    path = tmp_path / "train.jsonl"
-    path.write_text(content)
-    with pytest.raises(ConfigError, match=message):
-        load_data(DataSpec(train_file=path))
+def test_early_stopping_stops_on_validation_loss_and_keeps_the_best_weights(tmp_path):
+    # min_delta this large makes every measurement after the first "no better": a stop at step 4
+    stopping = {"validation_fraction": 0.25, "eval_every": 2, "patience": 1, "min_delta": 100.0}
+    path = recipe_file(tmp_path, "early", max_steps=40, early_stopping=stopping)
+    results = run_recipe(load_recipe(path))["training"]
+    assert results["steps"] == 4 and results["stopped_early"] is True
+    assert results["best_step"] == 2 and results["validation_rows"] == 8  # a quarter of 32
+    assert [v["step"] for v in results["validation_losses"]] == [2, 4]
+    best = load_file(tmp_path / "early" / "best" / "trainable.safetensors")
+    last = load_file(tmp_path / "early" / "checkpoints" / "step-000004" / "trainable.safetensors")
+    saved = adapter_weights(tmp_path / "early")
+    assert set(best) == set(last) and any(not torch.equal(best[k], last[k]) for k in best)
+    for name, value in best.items():  # the adapter written is the best one, not the last
+        assert torch.equal(saved[name.replace(".default", "")], value)
+
+
+def test_validator_counts_measurements_without_improvement():
+    from lmkit.early_stopping import EarlyStopping, Validator, split_validation
+
+    validator = Validator(EarlyStopping(patience=2, min_delta=0.01), [], lambda rows: {})
+    assert [validator.update(s, loss) for s, loss in [(1, 1.0), (2, 0.995), (3, 0.9), (4, 0.95)]] == [
+        True,
+        False,
+        True,
+        False,
+    ]
+    assert not validator.should_stop and validator.best_step == 3
+    validator.update(5, 0.91)
+    assert validator.should_stop
+    train, held = split_validation([{"i": i} for i in range(10)], 0.2, seed=0)
+    assert len(held) == 2 and sorted(r["i"] for r in train + held) == list(range(10))
+    with pytest.raises(ConfigError, match="too few to hold out"):
+        split_validation([{"i": 0}], 0.2, seed=0)

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from lmkit.config import StrictModel, apply_overrides, read_yaml, secret_from_env, validate
-from lmkit.data import TASKS
+from lmkit.data import TASKS, SourceSpec
 from lmkit.loader import ModelSpec
 
 
@@ -21,6 +21,9 @@ class EndpointTarget(StrictModel):
         description="tokenizer source for log-likelihood tasks (the served base model)"
     )
     api_key_env: str | None = None
+    prompt_format_from: Path | None = Field(
+        None, description="the served adapter's directory: eval follows the prompt format it records"
+    )
     num_concurrent: int = Field(8, gt=0)
     timeout_s: float = Field(300, gt=0)
 
@@ -74,7 +77,9 @@ class EvalSuite(StrictModel):
     limit: int | None = Field(None, gt=0, description="examples per task (for quick runs)")
     batch_size: int = Field(8, gt=0)
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples for every task (lm-eval)")
-    apply_chat_template: bool = False
+    apply_chat_template: bool | None = Field(
+        None, description="unset: as the evaluated adapter was trained (lmkit_prompt.json), else off"
+    )
     speed: SpeedConfig | None = None
     memory: bool = Field(True, description="report the in-process model's memory footprint")
     output_dir: Path
@@ -101,30 +106,42 @@ class GeneratedTaskData(StrictModel):
         return self
 
 
-class LocalTask(StrictModel):
-    """A task over JSONL records `{input, target[, choices]}`, scored by lm-eval.
+class LocalTask(SourceSpec):
+    """A task over examples `{input, target[, choices]}`, scored by lm-eval.
 
+    The examples come from `generate` (lmkit's seeded tasks) or from a file or hub dataset read as
+    it is (`source`, `columns`, `label_names`, `template`: the keys of a recipe's data source).
     kinds: `classification` (fixed `choices` labels, log-likelihood), `multiple_choice`
-    (per-record `choices`), `generation` (greedy, exact match with `target`).
+    (per-example `choices`), `generation` (greedy, exact match with `target`).
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
     kind: Literal["classification", "multiple_choice", "generation"]
     generate: GeneratedTaskData | None = None
-    file: Path | None = Field(None, description="JSONL, relative to the task file")
-    prompt: str = Field("{{input}}\nAnswer:", description="jinja template over a record")
-    target_delimiter: str = Field(
-        " ", description="between prompt and answer (lm-eval); '' when the prompt ends a chat turn"
+    source: str | None = Field(None, description="file (relative to the task file) or hub dataset id")  # type: ignore[assignment]
+    prompt: str | None = Field(
+        None,
+        description="lm-eval prompt (jinja) over an example; unset: '{{input}}' with the chat "
+        "template, '{{input}}\\nAnswer:' without",
     )
-    choices: list[str] | None = Field(None, description="labels, for classification")
+    target_delimiter: str | None = Field(
+        None, description="between prompt and answer; unset: '' with the chat template, ' ' without"
+    )
+    choices: list[str] | None = Field(
+        None, description="labels, for classification; unset: the label_names words"
+    )
     max_gen_toks: int = Field(16, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> LocalTask:
-        if (self.generate is None) == (self.file is None):
-            raise ValueError("set exactly one of generate or file")
+        if (self.generate is None) == (self.source is None):
+            raise ValueError("set exactly one of generate or source")
+        if self.kind == "multiple_choice" and self.columns.choices is None:
+            self.columns = self.columns.model_copy(update={"choices": "choices"})  # the usual name
+        if self.choices is None and self.kind == "classification" and self.label_names:
+            self.choices = list(dict.fromkeys(self.label_names.values()))
         if (self.kind == "classification") != bool(self.choices):
-            raise ValueError("choices are required for classification and only for it")
+            raise ValueError("choices (or label_names) are required for classification and only for it")
         return self
 
 
@@ -134,6 +151,4 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> EvalSuit
 
 def load_local_task(path: Path) -> LocalTask:
     task = validate(LocalTask, read_yaml(path), str(path))
-    if task.file is not None and not task.file.is_absolute():
-        task.file = (path.parent / task.file).resolve()
-    return task
+    return task if task.source is None else task.resolved(path.parent)

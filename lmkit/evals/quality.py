@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
-from lmkit.data import Example, generate_examples, read_examples
+from lmkit.data import Example, generate_examples, read_source
 from lmkit.errors import ConfigError
 from lmkit.evals.config import EvalSuite, LocalTask, load_local_task
+from lmkit.evals.prompting import EvalFormat
 from lmkit.io import write_jsonl_atomic, write_text_atomic
 from lmkit.loader import LoadedModel, materialize
 
@@ -25,11 +26,10 @@ NOT_METRICS = {"alias", "sample_len", "sample_count"}  # bookkeeping lm-eval rep
 STOP_SEQUENCES = ["\n", "<|im_end|>", "<|endoftext|>"]
 
 
-def _records(task: LocalTask) -> list[Example]:
+def task_examples(task: LocalTask, seed: int) -> list[Example]:
     if task.generate is not None:
         return generate_examples([task.generate.task], task.generate.size, task.generate.seed)
-    assert task.file is not None
-    return read_examples(task.file)
+    return read_source(task, f"task {task.name}", seed)
 
 
 def _with_answers(task: LocalTask, records: list[Example]) -> list[Example]:
@@ -52,14 +52,15 @@ def _with_answers(task: LocalTask, records: list[Example]) -> list[Example]:
     return rows
 
 
-def lm_eval_task_config(task: LocalTask, data_file: Path) -> dict[str, Any]:
+def lm_eval_task_config(task: LocalTask, data_file: Path, prompt: tuple[str, str]) -> dict[str, Any]:
+    """lm-eval's YAML for a local task; `prompt` is (doc_to_text, target_delimiter)."""
     config: dict[str, Any] = {
         "task": f"lmkit_{task.name}",
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(data_file)}},
         "test_split": "test",
-        "doc_to_text": task.prompt,
-        "target_delimiter": task.target_delimiter,
+        "doc_to_text": prompt[0],
+        "target_delimiter": prompt[1],
     }
     if task.kind == "generation":
         config |= {
@@ -100,7 +101,7 @@ def lm_eval_task_config(task: LocalTask, data_file: Path) -> dict[str, Any]:
     return config
 
 
-def prepare_tasks(suite: EvalSuite, work_dir: Path) -> list[str]:
+def prepare_tasks(suite: EvalSuite, work_dir: Path, prompt_format: EvalFormat) -> list[str]:
     """Write every local task (data + lm-eval YAML) into `work_dir`; return all lm-eval task names."""
     names = []
     for ref in suite.tasks:
@@ -109,10 +110,10 @@ def prepare_tasks(suite: EvalSuite, work_dir: Path) -> list[str]:
             continue
         assert ref.local is not None
         task = load_local_task(ref.local)
-        data_file = write_jsonl_atomic(work_dir / f"{task.name}.jsonl", _with_answers(task, _records(task)))
-        write_text_atomic(
-            work_dir / f"{task.name}.yaml", yaml.safe_dump(lm_eval_task_config(task, data_file))
-        )
+        records = _with_answers(task, task_examples(task, suite.seed))
+        data_file = write_jsonl_atomic(work_dir / f"{task.name}.jsonl", records)
+        config = lm_eval_task_config(task, data_file, prompt_format.task_prompt(task))
+        write_text_atomic(work_dir / f"{task.name}.yaml", yaml.safe_dump(config))
         names.append(f"lmkit_{task.name}")
     return names
 
@@ -130,12 +131,14 @@ def _env(name: str, value: str):
             os.environ[name] = previous
 
 
-def run_quality(suite: EvalSuite, loaded: LoadedModel | None, work_dir: Path) -> dict[str, Any]:
+def run_quality(
+    suite: EvalSuite, loaded: LoadedModel | None, work_dir: Path, prompt_format: EvalFormat
+) -> dict[str, Any]:
     """lm-eval `simple_evaluate` on the suite's tasks; returns lm-eval's results and per-sample logs."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    names = prepare_tasks(suite, work_dir)
+    names = prepare_tasks(suite, work_dir, prompt_format)
     manager = TaskManager(include_path=str(work_dir))
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
@@ -148,7 +151,7 @@ def run_quality(suite: EvalSuite, loaded: LoadedModel | None, work_dir: Path) ->
         "limit": suite.limit,
         "task_manager": manager,
         "num_fewshot": suite.num_fewshot,
-        "apply_chat_template": suite.apply_chat_template,
+        "apply_chat_template": prompt_format.chat_template,
         "log_samples": True,
         "random_seed": suite.seed,
         "numpy_random_seed": suite.seed,

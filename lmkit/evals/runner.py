@@ -13,6 +13,7 @@ from lmkit.config import to_yaml
 from lmkit.errors import LmkitError
 from lmkit.evals.config import EndpointTarget, EvalSuite
 from lmkit.evals.plots import lines, quality_bars
+from lmkit.evals.prompting import eval_format
 from lmkit.evals.quality import metric_rows, run_quality
 from lmkit.evals.speed import memory_footprint, run_speed
 from lmkit.io import write_dir_atomic, write_jsonl_atomic, write_text_atomic
@@ -70,9 +71,10 @@ def run_suite(suite: EvalSuite) -> dict[str, Any]:
     results: dict[str, Any] = {"target": _target_label(suite), "suite": json.loads(suite.model_dump_json())}
     rows: list[list[Any]] = []
     samples: list[dict[str, Any]] = []
+    prompt_format = eval_format(suite)
     with tempfile.TemporaryDirectory(prefix="lmkit-eval-") as work:
         if suite.tasks:
-            quality = run_quality(suite, loaded, Path(work))
+            quality = run_quality(suite, loaded, Path(work), prompt_format)
             results["quality"] = quality["results"]
             samples = _samples(quality["samples"])
             rows += [
@@ -91,11 +93,16 @@ def run_suite(suite: EvalSuite) -> dict[str, Any]:
                 for key in ("throughput_tok_s", "ttft_p50_s", "ttft_p90_s", "tpot_mean_s")
             ]
     results["rows"] = rows
+    results["prompt_format"] = {
+        "chat_template": prompt_format.chat_template,
+        "adapter_recorded": None if prompt_format.recorded is None else prompt_format.recorded.describe(),
+        "warnings": prompt_format.warnings,
+    }
+    notes = [f"chat template {'on' if prompt_format.chat_template else 'off'}"]
+    notes += [f"WARNING: {w}" for w in prompt_format.warnings]
 
     def fill(out: Path) -> None:
-        write_report(
-            out, f"lmkit eval: {results['target']}", results, HEADERS, rows, final_dir=suite.output_dir
-        )
+        write_report(out, f"lmkit eval: {results['target']}", results, HEADERS, rows, notes, suite.output_dir)
         write_text_atomic(out / "suite.resolved.yaml", to_yaml(suite))
         if samples:
             write_jsonl_atomic(out / "samples.jsonl", samples)

@@ -7,6 +7,7 @@ adapted model (reloaded from disk, as a user or the server would) on held-out ex
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -21,6 +22,7 @@ from lmkit.errors import ConfigError
 from lmkit.generation import encode_for_training, exact_match_by_task, generate
 from lmkit.io import is_main_process, write_dir_atomic, write_jsonl_atomic
 from lmkit.loader import AdapterSpec, ModelSpec, load_model
+from lmkit.prompt_format import PromptFormat, training_format, write_prompt_format
 from lmkit.recipes import Method, Recipe
 from lmkit.report import write_report
 from lmkit.training import TrainConfig, Trainer
@@ -40,6 +42,12 @@ class LoraRecipe(Recipe):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     train: TrainConfig = Field(default_factory=TrainConfig)
     generate: GenerateSection = Field(default_factory=GenerateSection)
+
+
+def _save_adapter(model: torch.nn.Module, prompt_format: PromptFormat, directory: Path) -> None:
+    """The weights and the prompt format they expect, written together."""
+    model.save_pretrained(directory, save_embedding_layers=False)
+    write_prompt_format(directory, prompt_format)
 
 
 def run(recipe: LoraRecipe, resume: bool) -> dict[str, Any]:
@@ -74,8 +82,9 @@ def run(recipe: LoraRecipe, resume: bool) -> dict[str, Any]:
     trainer = Trainer(model, rows, partial(pad_batch, pad_id=tokenizer.pad_token_id), recipe.train, out)
     stats = trainer.train(resume=resume)
     adapter_dir = out / "adapter"
+    prompt_format = training_format(tokenizer, recipe.data)
     if trainer.accelerator.is_main_process:
-        write_dir_atomic(adapter_dir, partial(trainer.unwrapped.save_pretrained, save_embedding_layers=False))
+        write_dir_atomic(adapter_dir, partial(_save_adapter, trainer.unwrapped, prompt_format))
     trainer.accelerator.wait_for_everyone()
     del trainer, model, loaded  # free the training copy before reloading
 
@@ -114,6 +123,7 @@ def run(recipe: LoraRecipe, resume: bool) -> dict[str, Any]:
         f"{stats['steps']} steps, loss {stats['first_loss']} -> {stats['final_loss']}, "
         f"{stats['tokens_per_second']} train tokens/s",
         f"adapter saved to {adapter_dir} and reloaded through the loader for generation",
+        f"prompt format recorded with the adapter (lmkit eval follows it): {prompt_format.describe()}",
     ]
     write_report(
         out,

@@ -8,6 +8,7 @@ for MoLA-Grad and the per-task variants; experts + router for MoLA-Router).
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -23,6 +24,7 @@ from lmkit.io import is_main_process, write_jsonl_atomic
 from lmkit.loader import ModelSpec, load_model
 from lmkit.mola.export import export_mola
 from lmkit.mola.model import MoLAModel, MoLASettings
+from lmkit.prompt_format import training_format, write_prompt_format
 from lmkit.recipes import Method, Recipe
 from lmkit.report import write_report
 from lmkit.training import TrainConfig, Trainer
@@ -139,7 +141,11 @@ def _train_variant(
     write_jsonl_atomic(
         out / "samples.jsonl", [{**e, "prediction": a} for e, a in zip(eval_examples, answers, strict=True)]
     )
-    return exact_match_by_task(eval_examples, answers), export_mola(model, out)
+    served = export_mola(model, out)
+    prompt_format = training_format(loaded.tokenizer, recipe.data)
+    for directory in served.values():  # each served adapter says how to prompt it
+        write_prompt_format(Path(directory), prompt_format)
+    return exact_match_by_task(eval_examples, answers), served
 
 
 def run(recipe: MoLARecipe, resume: bool) -> dict[str, Any]:

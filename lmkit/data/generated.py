@@ -1,22 +1,18 @@
-"""Task data: the project's own seeded generators, or the user's JSONL/CSV files.
+"""lmkit's own seeded task generators: small templated tasks for demos, tests and CI.
 
-Every record is `{"task", "input", "target"}`. Generated data is written next to the run's
-outputs so anyone can see exactly what a model was trained and evaluated on.
+Real data comes in through `lmkit.data.sources`; these stay as one more source kind
+(`data.generate`), reproducible from a seed with nothing to download.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
 
 from lmkit.config import StrictModel
-from lmkit.errors import ConfigError
 
 Example = dict[str, Any]  # task, input, target (str); optional choices (list[str])
 TaskGenerator = Callable[[random.Random], tuple[str, str]]
@@ -125,84 +121,10 @@ class GeneratedData(StrictModel):
         return self
 
 
-class DataSpec(StrictModel):
-    """Either `generate` (seeded, built in) or `train_file` (+ optional `eval_file`), JSONL or CSV."""
-
-    generate: GeneratedData | None = None
-    train_file: Path | None = None
-    eval_file: Path | None = None
-    eval_fraction: float = Field(
-        0.1, gt=0, lt=1, description="held out of train_file when eval_file is unset"
+def load_generated(spec: GeneratedData) -> tuple[list[Example], list[Example]]:
+    """(train, eval) examples: two seeded draws, so eval examples are generated apart from train."""
+    seed = spec.seed or 0
+    return (
+        generate_examples(spec.tasks, spec.train_size, seed),
+        generate_examples(spec.tasks, spec.eval_size, seed + 1),
     )
-
-    @model_validator(mode="after")
-    def _one_source(self) -> DataSpec:
-        if (self.generate is None) == (self.train_file is None):
-            raise ValueError("set exactly one of data.generate or data.train_file")
-        if self.eval_file is not None and self.train_file is None:
-            raise ValueError("data.eval_file needs data.train_file")
-        return self
-
-
-def _check_record(record: object, where: str) -> Example:
-    if not isinstance(record, dict):
-        raise ConfigError(f"{where}: expected an object with input/target, got {type(record).__name__}.")
-    missing = [k for k in ("input", "target") if not isinstance(record.get(k), str) or not record.get(k)]
-    if missing:
-        raise ConfigError(
-            f"{where}: field(s) {missing} missing or not a non-empty string. "
-            "Each record needs string fields input and target (task is optional)."
-        )
-    row = {"task": str(record.get("task") or "default"), "input": record["input"], "target": record["target"]}
-    if "choices" in record:  # multiple-choice records
-        choices = record["choices"]
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            raise ConfigError(f"{where}: choices must be a list of at least two strings.")
-        row["choices"] = choices
-    return row
-
-
-def read_examples(path: Path) -> list[Example]:
-    """Read JSONL (one object per line) or CSV (header with input,target[,task]); errors name file:line."""
-    if not path.is_file():
-        raise ConfigError(f"Data file not found: {path}. Fix: check data.train_file / data.eval_file.")
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = [_check_record(row, f"{path}:{i + 2}") for i, row in enumerate(csv.DictReader(handle))]
-    elif path.suffix in (".jsonl", ".json"):
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"{path}:{number}: not valid JSON ({exc.msg}). Fix: one object per line."
-                ) from None
-            rows.append(_check_record(record, f"{path}:{number}"))
-    else:
-        raise ConfigError(f"{path}: unsupported data format {path.suffix!r}; use .jsonl or .csv.")
-    if not rows:
-        raise ConfigError(f"{path} holds no records.")
-    return rows
-
-
-def load_data(spec: DataSpec) -> tuple[list[Example], list[Example]]:
-    """Return (train, eval) examples."""
-    if spec.generate is not None:
-        gen = spec.generate
-        return (
-            generate_examples(gen.tasks, gen.train_size, gen.seed or 0),
-            generate_examples(gen.tasks, gen.eval_size, (gen.seed or 0) + 1),
-        )
-    assert spec.train_file is not None
-    train = read_examples(spec.train_file)
-    if spec.eval_file is not None:
-        return train, read_examples(spec.eval_file)
-    shuffled = train[:]
-    random.Random(0).shuffle(shuffled)
-    held_out = max(1, int(len(shuffled) * spec.eval_fraction))
-    if held_out >= len(shuffled):
-        raise ConfigError(f"{spec.train_file} has too few records ({len(train)}) to hold out an eval split.")
-    return shuffled[held_out:], shuffled[:held_out]
