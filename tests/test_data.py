@@ -164,7 +164,9 @@ def test_missing_file_and_eval_on_the_training_rows_are_refused(tmp_path):
         load_data(DataSpec(sources=[source(tmp_path / "nope.jsonl")]))
     path = reviews(tmp_path / "r.jsonl")
     with pytest.raises(DataError, match="same source and split as the training rows"):
-        load_data(DataSpec(sources=[source(path, eval={"limit": 3})]))
+        load_data(DataSpec(sources=[source(path, eval={"source": str(path)})]))
+    _, held = load_data(DataSpec(sources=[source(path, eval={"limit": 3})], eval_fraction=0.5))
+    assert len(held) == 3  # a sample of the held-out half
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):

@@ -204,3 +204,27 @@ def test_an_allow_list_keeps_the_lora_prompt_logprobs_fix_when_lora_is_on(adapte
     )
     _, env = build_command(config, Path("/models/x"))
     assert env["VLLM_PLUGINS"] == "other,lmkit_lora_prompt_logprobs"
+
+
+@pytest.mark.parametrize(
+    ("flags", "accelerator", "expected"),
+    [
+        ("avx512f avx512_bf16", None, "bfloat16"),
+        ("avx512f amx_bf16", None, "bfloat16"),
+        ("avx2 avx512f", None, "float32"),
+        ("avx2", "cuda", "bfloat16"),
+    ],
+)
+def test_unset_dtype_is_float32_only_on_cpus_that_emulate_bf16(
+    tmp_path, monkeypatch, flags, accelerator, expected
+):
+    from lmkit.serving import launch
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor : 0\nflags : fpu sse {flags}\n")
+    monkeypatch.setattr(launch, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(launch, "on_cpu", lambda: accelerator is None)
+    argv, _ = build_command(load_serve_config(DEFAULT, ["model.source=tiny-llama"]), Path("/m"))
+    assert argv[argv.index("--dtype") + 1] == expected
+    explicit = load_serve_config(DEFAULT, ["model.source=tiny-llama", "engine.dtype=bfloat16"])
+    assert build_command(explicit, Path("/m"))[0][argv.index("--dtype") + 1] == "bfloat16"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lmkit.data.generated import Example, load_generated
 from lmkit.data.sources import DataError, describe, hold_out, load_rows, render, sample
-from lmkit.data.spec import DataSpec, SourceSpec, TaskSource
+from lmkit.data.spec import DataSpec, EvalSplit, SourceSpec, TaskSource
 
 
 def read_source(spec: SourceSpec, key: str, seed: int = 0) -> list[Example]:
@@ -19,20 +19,21 @@ def _split_source(
 ) -> tuple[list[Example], list[Example]]:
     rows = load_rows(spec, key)
     where = describe(spec, spec.source, spec.split)
-    if spec.eval is None:
+    split = spec.eval or EvalSplit()
+    if split.source is None and split.split is None:  # held out of this source's rows
         train_rows, eval_rows = hold_out(len(rows), eval_fraction, seed, where)
         train = render(spec, rows, sample(train_rows, spec.limit, seed), where, key)
-        return train, render(spec, rows, eval_rows, where, key)
+        return train, render(spec, rows, sample(eval_rows, split.limit, seed), where, key)
     train = render(spec, rows, sample(list(range(len(rows))), spec.limit, seed), where, key)
-    source, split = spec.eval.source or spec.source, spec.eval.split or spec.split
-    if (source, split) == (spec.source, spec.split):
+    source, name = split.source or spec.source, split.split or spec.split
+    if (source, name) == (spec.source, spec.split):
         raise DataError(
             f"{key}.eval names the same source and split as the training rows, so eval rows would "
-            "be trained on. Fix: give eval another split or file, or remove eval to hold rows out."
+            "be trained on. Fix: give eval another split or file, or leave both unset to hold rows out."
         )
-    eval_rows = load_rows(spec, f"{key}.eval", source, split)
-    chosen = sample(list(range(len(eval_rows))), spec.eval.limit, seed)
-    return train, render(spec, eval_rows, chosen, describe(spec, source, split), f"{key}.eval")
+    eval_rows = load_rows(spec, f"{key}.eval", source, name)
+    chosen = sample(list(range(len(eval_rows))), split.limit, seed)
+    return train, render(spec, eval_rows, chosen, describe(spec, source, name), f"{key}.eval")
 
 
 def load_data(spec: DataSpec) -> tuple[list[Example], list[Example]]:

@@ -28,7 +28,8 @@ class Columns(StrictModel):
 
 
 class EvalSplit(StrictModel):
-    """Where the eval rows of a source come from; unset keys are the source's own."""
+    """Where the eval rows of a source come from: another split or file, or (source and split both
+    unset) the rows held out of the source itself."""
 
     source: str | None = Field(None, description="another file or hub id; unset: the same source")
     split: str | None = Field(None, description="e.g. validation; unset: the source's split")
