@@ -138,6 +138,16 @@ def _section(annotation: Any) -> type[BaseModel] | None:
     return models[0] if len(models) == 1 and all(o in (models[0], type(None)) for o in options) else None
 
 
+def _list_section(annotation: Any) -> type[BaseModel] | None:
+    """The item class behind `list[Section]` or `list[Section] | None`, if any."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    lists = [o for o in options if get_origin(o) is list]
+    if len(lists) != 1 or not all(o in (lists[0], type(None)) for o in options):
+        return None
+    (item,) = get_args(lists[0]) or (None,)
+    return item if isinstance(item, type) and issubclass(item, BaseModel) else None
+
+
 def _type_name(annotation: Any) -> str:
     if get_origin(annotation) is Literal:
         return " | ".join(repr(v) for v in get_args(annotation))
@@ -157,6 +167,12 @@ def documented_keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str,
             doc = info.description or (section.__doc__ or "").strip().split("\n")[0]
             rows.append((path, f"{optional}section", "", doc))
             rows += documented_keys(section, f"{path}.")
+            continue
+        item = _list_section(info.annotation)
+        if item is not None:
+            doc = info.description or (item.__doc__ or "").strip().split("\n")[0]
+            rows.append((path, "list of sections", repr(info.default), doc))
+            rows += documented_keys(item, f"{path}[].")
             continue
         if info.is_required():
             default = "(required)"

@@ -71,6 +71,12 @@ def test_every_registered_method_resolves_with_a_documented_schema():
     for name in method_names():
         keys = {row[0] for row in documented_keys(get_method(name).recipe)}
         assert {"method", "output_dir", "seed"} <= keys
+    lora_keys = {row[0] for row in documented_keys(get_method("lora").recipe)}
+    assert {
+        "data.sources[].template",
+        "data.sources[].columns.target",
+        "data.sources[].eval.limit",
+    } <= lora_keys
 
 
 def test_an_unknown_method_names_the_known_ones(tmp_path):
