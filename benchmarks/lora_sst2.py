@@ -147,6 +147,9 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[250, 1000, 5000])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--qlora-size", type=int, default=1000, help="0: skip the nf4 rows")
+    parser.add_argument(
+        "--qlora-train", action=argparse.BooleanOptionalAction, default=True, help="train the QLoRA row"
+    )
     parser.add_argument("--output", default=str(ROOT / "runs" / "benchmarks" / "lora_sst2"))
     parser.add_argument("--table", default=str(ROOT / "evals" / "results" / "lora_sst2.md"))
     args = parser.parse_args()
@@ -188,20 +191,25 @@ def main() -> int:
             for s, r in zip(args.seeds, fp32, strict=True)
         ]
         rows.append(row("same LoRA, served on the nf4 base", str(size), on_nf4, n_eval))
-        rows.append(
-            row(
-                "QLoRA r8 (trained on the nf4 base)",
-                str(size),
-                [lora_run(out, task, size, s, "nf4") for s in args.seeds],
-                n_eval,
+        if args.qlora_train:
+            rows.append(
+                row(
+                    "QLoRA r8 (trained on the nf4 base)",
+                    str(size),
+                    [lora_run(out, task, size, s, "nf4") for s in args.seeds],
+                    n_eval,
+                )
             )
-        )
-    command = "python benchmarks/lora_sst2.py " + " ".join(
-        [
-            f"--sizes {' '.join(map(str, args.sizes))}",
-            f"--seeds {' '.join(map(str, args.seeds))}",
-            f"--qlora-size {args.qlora_size}",
-        ]
+    command = (
+        "python benchmarks/lora_sst2.py "
+        + " ".join(
+            [
+                f"--sizes {' '.join(map(str, args.sizes))}",
+                f"--seeds {' '.join(map(str, args.seeds))}",
+                f"--qlora-size {args.qlora_size}",
+                "" if args.qlora_train else "--no-qlora-train",
+            ]
+        ).strip()
     )
     notes = [
         f"command: `{command}`; recipe recipes/real/lora_sst2.yaml (SmolLM2-135M-Instruct, LoRA r8 "
@@ -211,8 +219,8 @@ def main() -> int:
         f"20 steps, patience 3, best weights kept); scored on all {n_eval} rows of sst2_dev.jsonl",
         "ll acc: lm-eval log-likelihood accuracy over {negative, positive}, 95% Wilson interval over "
         "all scored rows; exact match: greedy generation (4 tokens) equals the label word",
-        "steps: steps run (step with the best validation loss); model MB: the in-process weight "
-        "footprint `lmkit eval` reports",
+        "steps: steps run (step with the best validation loss); 150 is the max_steps cap, so a run "
+        "that reached it may not have converged; model MB: the weight footprint `lmkit eval` reports",
         f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU; one run at a time",
     ]
     results = {"rows": rows, "runs": {str(k): v for k, v in runs.items()}}

@@ -1,12 +1,14 @@
 """MoLA costs, measured side by side in one run (ratios; absolute times mean little on shared CPUs).
 
-1. Training throughput of MoLA-Grad and MoLA-Router vs one plain peft LoRA (same batches, same rank
-   per adapter), in alternating rounds.
+1. Training throughput of MoLA-Grad (grouped: each expert on its task's rows; and dense: every expert
+   on every row, gated) and MoLA-Router (dense, soft gates) vs one plain peft LoRA (same batches, same
+   rank per adapter, 4 tasks + a shared LoRA), in alternating rounds, per batch size.
 2. Serving overhead of MoLA-Router: requests to the router name (gates + bucket lookup in lmkit's
    middleware) vs requests naming the very same merged adapter directly, alternating, on one
    vLLM server. Needs an exported router: run `lmkit run recipes/mola_compare.yaml` first.
 
     python benchmarks/mola_overhead.py [--router runs/mola_compare/variants/mola_router] [--rounds 3]
+        [--batch-sizes 8 16] [--skip-serving]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import openai
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 
 from lmkit.adapters import LoraSpec
 from lmkit.data import generate_examples
@@ -32,16 +34,22 @@ from lmkit.serving import ServerProcess, load_serve_config
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["sentiment", "uppercase", "arithmetic", "reverse_words"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MOLA_VARIANTS = {  # name: (variant, grouped)
+    "mola_grad": ("grad", True),
+    "mola_grad_dense": ("grad", False),
+    "mola_router": ("router", False),
+}
 
 
 def _train_models(source: str) -> dict[str, torch.nn.Module]:
-    models: dict[str, torch.nn.Module] = {}
-    lora = load_model(source).model
-    models["peft_lora"] = get_peft_model(lora, LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS)))
-    for variant in ("grad", "router"):
-        lora = LoraSpec(r=8, alpha=16, target_modules=list(TARGETS))
-        settings = MoLASettings(variant, TASKS, shared="lora", lora=lora)
-        models[f"mola_{variant}"] = MoLAModel(load_model(source).model, settings)
+    """Same LoRA shape everywhere (dropout 0.05 as LoraSpec's default)."""
+    spec = LoraSpec(r=8, alpha=16, target_modules=list(TARGETS))
+    models: dict[str, torch.nn.Module] = {
+        "peft_lora": get_peft_model(load_model(source).model, spec.peft_config(task_type="CAUSAL_LM"))
+    }
+    for name, (variant, grouped) in MOLA_VARIANTS.items():
+        settings = MoLASettings(variant, TASKS, shared="lora", lora=spec, grouped=grouped)
+        models[name] = MoLAModel(load_model(source).model, settings)
     return models
 
 
@@ -56,15 +64,15 @@ def _step_seconds(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Op
     return time.perf_counter() - started
 
 
-def training_throughput(source: str, rounds: int, steps: int) -> dict[str, float]:
-    loaded = load_model(source)
-    examples = generate_examples(TASKS, 8, seed=0)
-    rows = [
-        {**encode_for_training(loaded.tokenizer, e, 128), "task_id": TASKS.index(e["task"])} for e in examples
-    ]
-    batch = collate(rows, loaded.tokenizer.pad_token_id)
+def training_throughput(
+    source: str, models: dict[str, torch.nn.Module], batch_size: int, rounds: int, steps: int
+) -> dict[str, float]:
+    """Tokens/s per model on one mixed-task batch (generated data, tasks interleaved)."""
+    tokenizer = load_model(source).tokenizer
+    examples = generate_examples(TASKS, batch_size, seed=0)
+    rows = [{**encode_for_training(tokenizer, e, 128), "task_id": TASKS.index(e["task"])} for e in examples]
+    batch = collate(rows, tokenizer.pad_token_id)
     tokens = int(batch["attention_mask"].sum())
-    models = _train_models(source)
     optimizers = {
         n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
         for n, m in models.items()
@@ -118,13 +126,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--requests", type=int, default=10)
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[8], help="examples per batch (4 tasks)"
+    )
+    parser.add_argument("--skip-serving", action="store_true", help="training throughput only (no vLLM)")
     args = parser.parse_args()
 
-    throughput = training_throughput(args.model, args.rounds, args.steps)
-    base = throughput["peft_lora"]
-    rows = [[f"training tokens/s: {n}", round(v, 1), round(v / base, 3)] for n, v in throughput.items()]
-    results: dict = {"training_tokens_per_s": throughput}
-    if (Path(args.router) / "router" / "router.json").is_file():
+    models = _train_models(args.model)
+    rows, results = [], {"training_tokens_per_s": {}}
+    for size in args.batch_sizes:
+        throughput = training_throughput(args.model, models, size, args.rounds, args.steps)
+        results["training_tokens_per_s"][f"batch {size}"] = throughput
+        base = throughput["peft_lora"]
+        rows += [
+            [f"training tokens/s (batch {size}): {n}", round(v, 1), round(v / base, 3)]
+            for n, v in throughput.items()
+        ]
+    if not args.skip_serving and (Path(args.router) / "router" / "router.json").is_file():
         latency = serving_overhead(Path(args.router), args.rounds, args.requests)
         ratio = latency["router"] / latency["same adapter by name"]
         results |= {"serving_latency_s": latency, "router_over_direct": ratio}
@@ -138,7 +156,10 @@ def main() -> None:
         results,
         ["measure", "value", "ratio"],
         rows,
-        [f"median of {args.rounds} alternating rounds; model {args.model}; rank 8 per adapter"],
+        [
+            f"median of {args.rounds} alternating rounds of {args.steps} steps; model {args.model}; "
+            f"{len(TASKS)} tasks + shared LoRA, rank 8 per adapter; torch threads {torch.get_num_threads()}"
+        ],
     )
 
 

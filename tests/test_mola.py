@@ -1,4 +1,5 @@
-"""MoLA on the tiny model: gradient isolation, router gates, TwD, export round-trip, data errors."""
+"""MoLA on the tiny model: gradient isolation, grouped vs dense MoLA-Grad, router gates, TwD, export
+round-trip, data errors."""
 
 import json
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 import yaml
 
 from lmkit.adapters import LoraSpec
+from lmkit.batching import pad
 from lmkit.data import generate_examples
 from lmkit.errors import ConfigError
 from lmkit.generation import encode_for_training, format_prompt
@@ -20,11 +22,13 @@ from lmkit.recipes import load_recipe, run_recipe
 TASKS = ["sentiment", "uppercase", "arithmetic", "reverse_words"]
 
 
-def make_model(variant: str, shared: str = "lora") -> tuple[MoLAModel, object]:
+def make_model(
+    variant: str, shared: str = "lora", grouped: bool = True, dropout: float = 0.0
+) -> tuple[MoLAModel, object]:
     torch.manual_seed(0)
     loaded = load_model("tiny-llama")
-    lora = LoraSpec(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
-    settings = MoLASettings(variant, TASKS, shared=shared, lora=lora)
+    lora = LoraSpec(r=4, alpha=8, dropout=dropout, target_modules=["q_proj", "v_proj"])
+    settings = MoLASettings(variant, TASKS, shared=shared, lora=lora, grouped=grouped)
     model = MoLAModel(loaded.model, settings)
     with torch.no_grad():  # non-zero B so every expert changes the output
         for name, param in model.named_parameters():
@@ -43,8 +47,9 @@ def lora_grads(model: MoLAModel, adapter: str) -> list[torch.Tensor | None]:
     return [p.grad for n, p in model.named_parameters() if f".{adapter}." in n and "lora_" in n]
 
 
-def test_a_task_batch_trains_only_its_adapter_and_the_shared_one():
-    model, tokenizer = make_model("grad")
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "dense"])
+def test_a_task_batch_trains_only_its_adapter_and_the_shared_one(grouped):
+    model, tokenizer = make_model("grad", grouped=grouped)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(**batch_for(tokenizer, ["uppercase"])).loss.backward()
@@ -62,6 +67,82 @@ def test_a_task_batch_trains_only_its_adapter_and_the_shared_one():
         changed = not torch.equal(param, before[name])
         expected = ".uppercase." in name or f".{SHARED}." in name
         assert changed == expected, name
+
+
+MIXED = ["sentiment", "uppercase", "reverse_words"]  # interleaved rows; arithmetic has none
+
+
+def test_grouped_grad_matches_the_dense_gated_path():
+    (grouped, tokenizer), (dense, _) = make_model("grad"), make_model("grad", grouped=False)
+    assert grouped.grouped and not dense.grouped
+    batch = batch_for(tokenizer, MIXED)
+    losses = [model(**batch).loss for model in (grouped, dense)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-7)
+    params = zip(grouped.named_parameters(), dense.named_parameters(), strict=True)
+    checked = 0
+    for (name, mine), (_, reference) in params:
+        assert torch.equal(mine, reference), name  # same weights to begin with
+        if reference.grad is None:
+            assert mine.grad is None, name
+        elif mine.grad is None:  # unrouted expert: dense computes an exact zero gradient
+            assert ".arithmetic." in name and torch.count_nonzero(reference.grad) == 0, name
+        else:
+            torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-5, atol=1e-7)
+            checked += 1
+    assert checked == 4 * 2 * 2 * 2  # (3 routed experts + shared) x 2 layers x (q, v) x (A, B)
+
+
+def test_grouped_grad_gives_an_unrouted_expert_no_gradient_even_with_dropout():
+    model, tokenizer = make_model("grad", dropout=0.1)
+    model.train()
+    model(**batch_for(tokenizer, MIXED)).loss.backward()
+    assert all(g is None for g in lora_grads(model, "arithmetic"))
+    for adapter in [*MIXED, SHARED]:
+        assert all(g is not None and g.abs().sum() > 0 for g in lora_grads(model, adapter)), adapter
+
+
+def test_grouped_generation_matches_the_dense_path():
+    (grouped, tokenizer), (dense, _) = make_model("grad"), make_model("grad", grouped=False)
+    examples = [e for e in generate_examples(TASKS, 16, seed=3) if e["task"] in MIXED][:6]
+    rows = [
+        tokenizer(format_prompt(tokenizer, e["input"]), add_special_tokens=False).input_ids for e in examples
+    ]
+    ids, mask = pad(rows, tokenizer.pad_token_id, left=True)
+    task_ids = torch.tensor([TASKS.index(e["task"]) for e in examples])
+    outputs = [
+        model.generate(ids, mask, task_ids=task_ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        for model in (grouped, dense)
+    ]
+    assert torch.equal(outputs[0], outputs[1])
+    alone = grouped.generate(ids[:1], mask[:1], task_ids=task_ids[:1], max_new_tokens=8, do_sample=False)
+    assert torch.equal(alone[0], outputs[0][0, -alone.shape[1] :])  # routing follows each row
+
+
+def test_grouped_grad_keeps_every_expert_in_the_graph_under_ddp(monkeypatch):
+    """DDP (as the Trainer prepares it) fails on its 2nd step if a rank leaves a trainable parameter
+    out of its graph, and other ranks may route rows to this rank's unrouted experts."""
+    model, tokenizer = make_model("grad")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+    model(**batch_for(tokenizer, MIXED)).loss.backward()
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in lora_grads(model, "arithmetic"))
+    model.release_unrouted_grads()  # after DDP's all-reduce: unused on every rank, so dropped
+    assert all(g is None for g in lora_grads(model, "arithmetic"))
+    assert all(g is not None for g in lora_grads(model, "sentiment"))
+
+
+def test_grouped_grad_refuses_lora_variants(monkeypatch):
+    dora = LoraSpec.peft_config
+
+    def with_dora(self, **extra):
+        return dora(self, use_dora=True, **extra)
+
+    monkeypatch.setattr(LoraSpec, "peft_config", with_dora)
+    with pytest.raises(ValueError, match="use_dora.*grouped=False"):
+        make_model("grad")
+    make_model("grad", grouped=False)  # the dense path composes peft's own forward
 
 
 def test_router_gates_are_a_distribution_per_sample():
@@ -154,14 +235,23 @@ def test_recipe_trains_every_variant_and_reports_per_task(tmp_path):
     assert set(results["exact_match"]["mola_grad"]) == {*TASKS, "overall"}
     assert set(results["served_adapters"]["mola_grad"]) == set(TASKS)
     assert "| reverse_words |" in (tmp_path / "out" / "summary.md").read_text()
+    purity = results["gate_purity"]["mola_router"]  # mean gate on each example's own task's expert
+    assert set(purity) == {*TASKS, "overall"} and all(0.0 < v < 1.0 for v in purity.values())
+    assert set(results["gate_purity"]) == {"mola_router"}
+    assert all(results["training"][v]["steps"] == 2 for v in results["exact_match"])
+    exported = Path(results["served_adapters"]["mola_grad"]["uppercase"]) / "lmkit_prompt.json"
+    assert json.loads(exported.read_text())["chat_template"] is True  # how to prompt it, when served
 
 
 def test_missing_task_field_is_a_clear_error(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"input": f"q{i}", "target": "a"}) + "\n" for i in range(10)))
-    recipe = load_recipe(mola_recipe(tmp_path, {"train_file": str(data)}, tasks=["a", "b"]))
+    with_column = {"sources": [{"source": str(data), "columns": {"task": "task"}}]}
+    with pytest.raises(ConfigError, match=r"train.jsonl row \d+: no value in column 'task'"):
+        run_recipe(load_recipe(mola_recipe(tmp_path, with_column, tasks=["a", "b"])))
+    untasked = {"sources": [{"source": str(data)}]}  # neither a task column nor a task name
     with pytest.raises(ConfigError, match="has no task field"):
-        run_recipe(recipe)
+        run_recipe(load_recipe(mola_recipe(tmp_path, untasked, tasks=["a", "b"])))
 
 
 def test_unknown_task_is_a_clear_error(tmp_path):

@@ -228,3 +228,5 @@ def test_unset_dtype_is_float32_only_on_cpus_that_emulate_bf16(
     assert argv[argv.index("--dtype") + 1] == expected
     explicit = load_serve_config(DEFAULT, ["model.source=tiny-llama", "engine.dtype=bfloat16"])
     assert build_command(explicit, Path("/m"))[0][argv.index("--dtype") + 1] == "bfloat16"
+    nf4 = load_serve_config(DEFAULT, ["model.source=tiny-llama", "model.quantization=nf4"])
+    assert build_command(nf4, Path("/m"))[0][argv.index("--dtype") + 1] == "bfloat16"  # bnb loads 16-bit

@@ -1,20 +1,25 @@
 """Per-sample routing over peft LoRA adapters, for training mixed-task batches.
 
-Every expert is an ordinary peft LoRA adapter, all active at once. A forward hook scales each
-expert's `lora_B` output by that sample's gate, so a layer computes
+Every expert is an ordinary peft LoRA adapter, all active at once, so a layer computes
 `W x + sum_k g_k * s * B_k A_k x` per sample. MoLA-Grad uses one-hot task gates: an expert gets
-gradient only from its task's samples. MoLA-Router uses a softmax router over the prompt's mean
-token embedding (frozen), trained with the task-wise decorrelation (TwD) loss.
+gradient only from its task's samples. Its default grouped path runs each expert on its task's
+rows only (a one-hot gate makes every other row's term zero), so the experts together cost about
+one LoRA over the batch; the dense path (`grouped=False`) runs every expert on every row and scales
+its `lora_B` output by the gate with a forward hook. MoLA-Router's gates are soft, so it stays
+dense: a softmax router over the prompt's mean token embedding (frozen), trained with the
+task-wise decorrelation (TwD) loss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PreTrainedModel
@@ -34,6 +39,7 @@ class MoLASettings:
     twd_weight: float = 0.1
     twd_temperature: float = 1.0
     twd_dim: int = 32
+    grouped: bool = True  # MoLA-Grad only: each expert runs on its task's rows alone (router: dense)
 
 
 @dataclass
@@ -41,6 +47,95 @@ class Output:
     loss: torch.Tensor | None
     logits: torch.Tensor
     gates: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TaskGroups:
+    """A batch's rows grouped by task, so each expert runs once, on its own rows only."""
+
+    names: list[str]  # experts that have rows, in task order
+    sizes: list[int]  # rows of each
+    order: torch.Tensor | None  # batch rows sorted by task; None when already sorted
+    inverse: torch.Tensor | None  # back to batch order
+
+    @classmethod
+    def of(cls, task_ids: torch.Tensor, experts: list[str]) -> TaskGroups:
+        counts = torch.bincount(task_ids, minlength=len(experts)).tolist()
+        order = torch.argsort(task_ids, stable=True)
+        if bool((order == torch.arange(len(order), device=order.device)).all()):
+            order = inverse = None
+        else:
+            inverse = torch.argsort(order)
+        used = [(name, count) for name, count in zip(experts, counts, strict=True) if count]
+        return cls([name for name, _ in used], [count for _, count in used], order, inverse)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.sizes)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each group's rows of `x` (split, not slices: its backward is one concatenation)."""
+        return (x if self.order is None else x.index_select(0, self.order)).split(self.sizes)
+
+    def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Inverse of `split`: the groups' outputs back in batch order."""
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return out if self.inverse is None else out.index_select(0, self.inverse)
+
+
+class Routing:
+    """The current forward's task groups, shared by the model and its patched LoRA layers."""
+
+    groups: TaskGroups | None = None
+
+
+def _lora_delta(layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor:
+    """One adapter's `s * B A dropout(x)`, as peft's `Linear.forward` computes it for plain LoRA."""
+    x = layer._cast_input_dtype(x, layer.lora_A[name].weight.dtype)
+    return layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](x))) * layer.scaling[name]
+
+
+def grouped_lora_forward(
+    layer: LoraLinear, routing: Routing, x: torch.Tensor, *args: object, **kwargs: object
+) -> torch.Tensor:
+    """`W x`, plus each row's own task expert, plus the shared adapter (if any) on every row.
+
+    Unrouted experts never enter the graph, so their gradients stay None.
+    """
+    if layer.disable_adapters or layer.merged or kwargs.get("adapter_names") is not None:
+        return LoraLinear.forward(layer, x, *args, **kwargs)  # peft's own handling
+    groups = routing.groups
+    assert groups is not None, "MoLA forward without task groups"
+    if x.shape[0] != groups.rows:
+        raise ValueError(
+            f"MoLA-Grad grouped forward got {x.shape[0]} rows for {groups.rows} task ids (beam search or "
+            "num_return_sequences > 1 are not supported). Fix: one sequence per prompt, or grouped=False."
+        )
+    result = layer.base_layer(x, *args, **kwargs)
+    parts = [_lora_delta(layer, name, rows) for name, rows in zip(groups.names, groups.split(x), strict=True)]
+    out = result + groups.merge(parts)
+    if SHARED in layer.lora_A:
+        out = out + _lora_delta(layer, SHARED, x)
+    return out.to(result.dtype)
+
+
+def _patch_for_groups(peft: PeftModel, routing: Routing) -> None:
+    """Route every LoRA layer through `grouped_lora_forward`; refuse what it does not compute."""
+    for name, module in peft.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if type(module) is not LoraLinear:
+            raise ValueError(
+                f"MoLA-Grad grouped path supports LoRA on plain linear layers only; {name} is "
+                f"{type(module).__name__}. Fix: change lora.target_modules, or set grouped=False."
+            )
+        if module.lora_variant:
+            variant = type(next(iter(module.lora_variant.values()))).__name__
+            raise ValueError(
+                f"MoLA-Grad grouped path computes plain LoRA only; {name} uses {variant} (e.g. use_dora). "
+                "Fix: turn the LoRA variant off, or set grouped=False."
+            )
+        module.forward = partial(grouped_lora_forward, module, routing)
 
 
 class Router(nn.Module):
@@ -87,10 +182,20 @@ class MoLAModel(nn.Module):
             self.peft.add_adapter(name, lora)
         self.peft.base_model.set_adapter(names)  # all active and trainable; gates do the routing
         self._gates: torch.Tensor | None = None
+        self.grouped = settings.variant == "grad" and settings.grouped
+        self._routing = Routing()
+        if self.grouped:
+            _patch_for_groups(self.peft, self._routing)
+        self._expert_params: dict[str, list[nn.Parameter]] = {name: [] for name in settings.experts}
         for module in self.peft.modules():
             if isinstance(module, LoraLayer):
                 for index, name in enumerate(settings.experts):
-                    module.lora_B[name].register_forward_hook(self._gate_hook(index))
+                    if not self.grouped:
+                        module.lora_B[name].register_forward_hook(self._gate_hook(index))
+                    self._expert_params[name] += [
+                        *module.lora_A[name].parameters(),
+                        *module.lora_B[name].parameters(),
+                    ]
                 if settings.shared == "base":
                     module.get_base_layer().weight.requires_grad_(True)
         if settings.variant == "router":
@@ -102,7 +207,8 @@ class MoLAModel(nn.Module):
         """Drop all-zero gradients of experts no sample in the step was routed to.
 
         The optimizer then skips them entirely (no momentum or weight-decay drift), so a step on
-        one task's samples leaves every other task's adapter exactly as it was.
+        one task's samples leaves every other task's adapter exactly as it was. (The grouped path
+        leaves them None already, except under DDP: see `_join_unrouted`.)
         """
         for name, param in self.peft.named_parameters():
             if "lora_" in name and param.grad is not None and not param.grad.any():
@@ -116,14 +222,33 @@ class MoLAModel(nn.Module):
 
         return scale
 
+    def _join_unrouted(self, loss: torch.Tensor) -> torch.Tensor:
+        """Under DDP, add this rank's unrouted experts to the graph with weight 0.
+
+        DDP (as the Trainer prepares it) expects every trainable parameter to get a gradient on every
+        rank; another rank may have routed rows to them. Their zero gradients are all-reduced and
+        then dropped by `release_unrouted_grads` when no rank used them.
+        """
+        groups = self._routing.groups
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if groups is None or not distributed or torch.distributed.get_world_size() < 2:
+            return loss
+        unrouted = [p for n, ps in self._expert_params.items() if n not in groups.names for p in ps]
+        if not unrouted or not torch.is_grad_enabled():
+            return loss
+        return loss + torch.stack([p.sum() for p in unrouted]).sum() * 0.0
+
     def route(
         self, input_ids: torch.Tensor, prompt_mask: torch.Tensor, task_ids: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(gates [B, K], router logits or None)."""
+        """(gates [B, K], router logits or None); the grouped path also records the task groups."""
         if self.settings.variant == "grad":
             if task_ids is None:
                 raise ValueError("MoLA-Grad is task-aware: pass task_ids")
-            return F.one_hot(task_ids, len(self.settings.experts)).float(), None
+            gates = F.one_hot(task_ids, len(self.settings.experts)).float()
+            if self.grouped:
+                self._routing.groups = TaskGroups.of(task_ids, self.settings.experts)
+            return gates, None
         with torch.no_grad():
             embeddings = self.peft.get_input_embeddings()(input_ids)
         logits = self.router(embeddings, prompt_mask)
@@ -141,6 +266,8 @@ class MoLAModel(nn.Module):
         self._gates = gates
         out = self.peft(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         loss = out.loss
+        if loss is not None and self.grouped:
+            loss = self._join_unrouted(loss)
         if (
             loss is not None
             and router_logits is not None
@@ -160,6 +287,6 @@ class MoLAModel(nn.Module):
         task_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """Gates come from the whole (left-padded) prompt and stay fixed while decoding."""
+        """Gates (and task groups) come from the whole (left-padded) prompt and stay fixed while decoding."""
         self._gates, _ = self.route(input_ids, attention_mask, task_ids)
         return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

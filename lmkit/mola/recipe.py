@@ -15,11 +15,11 @@ import torch
 from pydantic import Field
 
 from lmkit.adapters import LoraSpec
-from lmkit.batching import pad_batch
+from lmkit.batching import pad, pad_batch
 from lmkit.config import StrictModel
 from lmkit.data import DataSpec, Example, load_data
 from lmkit.errors import ConfigError
-from lmkit.generation import encode_for_training, exact_match_by_task, generate
+from lmkit.generation import encode_for_training, exact_match_by_task, format_prompt, generate
 from lmkit.io import is_main_process, write_jsonl_atomic
 from lmkit.loader import ModelSpec, load_model
 from lmkit.mola.export import export_mola
@@ -82,8 +82,8 @@ def task_ids_for(examples: list[Example], tasks: list[str], where: str) -> list[
         task = example.get("task")
         if task in (None, "", "default"):
             raise ConfigError(
-                f"{where} example {number} has no task field. MoLA needs {{task, input, target}} "
-                "records. Fix: add a task to every record."
+                f"{where} example {number} has no task field; MoLA needs a task per example. Fix: "
+                "give each data source its task (data.sources[].task) or a task column (columns.task)."
             )
         if task not in tasks:
             raise ConfigError(
@@ -106,8 +106,9 @@ def _train_variant(
     tasks: list[str],
     data: dict[str, tuple[list[Example], list[int]]],
     resume: bool,
-) -> tuple[dict[str, float], dict[str, str]]:
-    """Train one variant on the shared data; its exact match per task and what it exports for serving."""
+) -> tuple[dict[str, float], dict[str, str], dict[str, Any]]:
+    """Train one variant on the shared data: its exact match per task, what it exports for serving,
+    and its training stats (plus, for the router, how much gate weight lands on each task's expert)."""
     section, out = recipe.mola, recipe.output_dir / "variants" / variant
     (train_examples, train_ids), (eval_examples, eval_ids) = data["train"], data["eval"]
     torch.manual_seed(recipe.seed)
@@ -126,7 +127,7 @@ def _train_variant(
         out,
         before_optimizer_step=model.release_unrouted_grads,
     )
-    trainer.train(resume=resume)
+    stats = trainer.train(resume=resume)
     answers = generate(
         model,
         loaded.tokenizer,
@@ -136,8 +137,12 @@ def _train_variant(
         variant,
         per_prompt={"task_ids": [0] * len(eval_ids) if variant == "single_lora" else eval_ids},
     )
+    about: dict[str, Any] = {"training": stats}
+    if variant == "mola_router":
+        prompts = [e["input"] for e in eval_examples]
+        about["gate_purity"] = gate_purity(model, loaded.tokenizer, prompts, eval_ids, tasks)
     if not is_main_process():
-        return exact_match_by_task(eval_examples, answers), {}  # rank 0 writes samples and exports
+        return exact_match_by_task(eval_examples, answers), {}, about  # rank 0 writes and exports
     write_jsonl_atomic(
         out / "samples.jsonl", [{**e, "prediction": a} for e, a in zip(eval_examples, answers, strict=True)]
     )
@@ -145,7 +150,26 @@ def _train_variant(
     prompt_format = training_format(loaded.tokenizer, recipe.data)
     for directory in served.values():  # each served adapter says how to prompt it
         write_prompt_format(Path(directory), prompt_format)
-    return exact_match_by_task(eval_examples, answers), served
+    return exact_match_by_task(eval_examples, answers), served, about
+
+
+@torch.no_grad()
+def gate_purity(
+    model: MoLAModel, tokenizer: Any, prompts: list[str], task_ids: list[int], tasks: list[str]
+) -> dict[str, float]:
+    """Mean router gate on each example's own task's expert, per task and overall (1.0: always it;
+    1/K: no idea). The router sees the prompt only, as when serving."""
+    own: dict[str, list[float]] = {}
+    for start in range(0, len(prompts), 32):
+        chunk = prompts[start : start + 32]
+        rows = [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in chunk]
+        ids, mask = pad(rows, tokenizer.pad_token_id, left=True)
+        gates, _ = model.route(ids, mask, None)
+        for row, task_id in enumerate(task_ids[start : start + 32]):
+            weight = float(gates[row, task_id])
+            own.setdefault(tasks[task_id], []).append(weight)
+            own.setdefault("overall", []).append(weight)
+    return {task: round(sum(v) / len(v), 4) for task, v in own.items()}
 
 
 def run(recipe: MoLARecipe, resume: bool) -> dict[str, Any]:
@@ -162,9 +186,12 @@ def run(recipe: MoLARecipe, resume: bool) -> dict[str, Any]:
         )
     scores: dict[str, dict[str, float]] = {}
     served: dict[str, dict[str, str]] = {}
+    about: dict[str, dict[str, Any]] = {}
     for variant in section.variants:
-        scores[variant], served[variant] = _train_variant(recipe, variant, tasks, data, resume)
-    return _report(recipe, tasks, len(eval_examples), scores, served)
+        scores[variant], served[variant], about[variant] = _train_variant(
+            recipe, variant, tasks, data, resume
+        )
+    return _report(recipe, tasks, len(eval_examples), scores, served, about)
 
 
 def _report(
@@ -173,6 +200,7 @@ def _report(
     eval_count: int,
     scores: dict[str, dict[str, float]],
     served: dict[str, dict[str, str]],
+    about: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     section = recipe.mola
     results = {
@@ -180,12 +208,15 @@ def _report(
         "model": recipe.model.source,
         "tasks": tasks,
         "exact_match": scores,
-        "steps": recipe.train.max_steps,
+        "training": {v: a["training"] for v, a in about.items()},
+        "gate_purity": {v: a["gate_purity"] for v, a in about.items() if "gate_purity" in a},
         "batch_size": recipe.train.batch_size,
         "served_adapters": served,
     }
     columns = list(scores)
     rows_out = [[task, *(scores[v].get(task, "-") for v in columns)] for task in [*tasks, "overall"]]
+    steps = ", ".join(f"{v} {a['training']['steps']}" for v, a in about.items())
+    purity = results["gate_purity"].get("mola_router")
     write_report(
         recipe.output_dir,
         f"MoLA on {recipe.model.source}: exact match on {eval_count} held-out examples",
@@ -193,8 +224,9 @@ def _report(
         ["task", *columns],
         rows_out,
         [
-            f"same data, {recipe.train.max_steps} steps of batch {recipe.train.batch_size} per variant; "
-            f"rank {section.lora.r} per adapter, shared part: {section.shared}"
+            f"same data, batch {recipe.train.batch_size}; steps run: {steps}; "
+            f"rank {section.lora.r} per adapter, shared part: {section.shared}",
+            *([f"router gate on the example's own task's expert: {purity}"] if purity else []),
         ],
     )
     return results

@@ -64,7 +64,7 @@ class EngineConfig(StrictModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = Field(
         None,
         description="unset: bfloat16, except float32 on CPUs without native bf16 (no AVX512_BF16/AMX), "
-        "where measured bf16 decode is up to 2x slower; auto: the checkpoint's own dtype",
+        "where measured bf16 decode is up to 2x slower (nf4 stays bfloat16); auto: the checkpoint's dtype",
     )
     max_model_len: int = Field(2048, gt=0)
     max_num_seqs: int | None = Field(None, gt=0)

@@ -36,7 +36,7 @@ def vllm_argv(config: ServeSettings, model_dir: Path) -> list[str]:
         "--port",
         str(config.port),
         "--dtype",
-        engine.dtype or default_dtype(),
+        engine.dtype or default_dtype(config.model.quantization),
         "--max-model-len",
         str(engine.max_model_len),
         "--seed",
@@ -60,9 +60,13 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def default_dtype() -> str:
+def default_dtype(quantization: str = "none") -> str:
     """bfloat16, except on CPUs that would emulate it (measured: fp32 decodes 1.7-2.1x faster at
-    8-32 concurrent requests there; evals/results/serve_throughput.md)."""
+    8-32 concurrent requests there; evals/results/serve_throughput_cpu_settings.md). In-flight nf4
+    stays bfloat16: vLLM's bitsandbytes loader lays its packed weights out for 16-bit parameters
+    and fails to load them into float32 ones."""
+    if quantization != "none":
+        return "bfloat16"
     return "float32" if on_cpu() and not cpu_has_native_bf16() else "bfloat16"
 
 
