@@ -221,7 +221,7 @@ def main() -> int:
         "all scored rows; exact match: greedy generation (4 tokens) equals the label word",
         "steps: steps run (step with the best validation loss); 150 is the max_steps cap, so a run "
         "that reached it may not have converged; model MB: the weight footprint `lmkit eval` reports",
-        f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU; one run at a time",
+        f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU",
     ]
     results = {"rows": rows, "runs": {str(k): v for k, v in runs.items()}}
     write_report(
