@@ -1,12 +1,11 @@
 """Per-sample routing over peft LoRA adapters, for training mixed-task batches.
 
-Every expert is an ordinary peft LoRA adapter, all active at once, so a layer computes
-`W x + sum_k g_k * s * B_k A_k x` per sample. MoLA-Grad uses one-hot task gates: an expert gets
-gradient only from its task's samples. Its default grouped path runs each expert on its task's
-rows only (a one-hot gate makes every other row's term zero), so the experts together cost about
-one LoRA over the batch; the dense path (`grouped=False`) runs every expert on every row and scales
-its `lora_B` output by the gate with a forward hook. MoLA-Router's gates are soft, so it stays
-dense: a softmax router over the prompt's mean token embedding (frozen), trained with the
+Every expert is an ordinary peft LoRA adapter, so a layer computes `W x + sum_k g_k * s * B_k A_k x`
+per sample. MoLA-Grad uses one-hot task gates: an expert gets gradient only from its task's samples.
+Its default grouped path runs each row through its own task's expert (and the shared adapter) only,
+costing about one LoRA over the batch; the dense path (`grouped=False`) runs every expert on every
+row and scales its `lora_B` output by the gate with a forward hook. MoLA-Router's gates are soft, so
+it stays dense: a softmax router over the prompt's mean token embedding (frozen), trained with the
 task-wise decorrelation (TwD) loss.
 """
 
@@ -89,18 +88,24 @@ class Routing:
     groups: TaskGroups | None = None
 
 
-def _lora_delta(layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor:
-    """One adapter's `s * B A dropout(x)`, as peft's `Linear.forward` computes it for plain LoRA."""
-    x = layer._cast_input_dtype(x, layer.lora_A[name].weight.dtype)
-    return layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](x))) * layer.scaling[name]
+def _task_adapter(layer: LoraLinear, expert: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A task's adapter in this layer: its expert with the shared adapter (if any) appended along the
+    rank, scalings folded into B, i.e. (A [r', in], B [out, r']); the very adapter export serves."""
+    names = [expert, SHARED] if SHARED in layer.lora_A else [expert]
+    a = torch.cat([layer.lora_A[name].weight for name in names])
+    b = torch.cat([layer.lora_B[name].weight * layer.scaling[name] for name in names], dim=1)
+    return a, b
 
 
 def grouped_lora_forward(
     layer: LoraLinear, routing: Routing, x: torch.Tensor, *args: object, **kwargs: object
 ) -> torch.Tensor:
-    """`W x`, plus each row's own task expert, plus the shared adapter (if any) on every row.
+    """`W x` plus, on each row, only its task's adapter (its expert and the shared one together).
 
-    Unrouted experts never enter the graph, so their gradients stay None.
+    With dropout 0 this equals the dense gated path. With dropout, a row's expert and shared adapter
+    see one mask (as the parts of one LoRA do; the dense path draws one per adapter): a second mask
+    per element would cost about as much as a whole extra LoRA on CPU. Unrouted experts never enter
+    the graph, so their gradients stay None.
     """
     if layer.disable_adapters or layer.merged or kwargs.get("adapter_names") is not None:
         return LoraLinear.forward(layer, x, *args, **kwargs)  # peft's own handling
@@ -112,11 +117,13 @@ def grouped_lora_forward(
             "num_return_sequences > 1 are not supported). Fix: one sequence per prompt, or grouped=False."
         )
     result = layer.base_layer(x, *args, **kwargs)
-    parts = [_lora_delta(layer, name, rows) for name, rows in zip(groups.names, groups.split(x), strict=True)]
-    out = result + groups.merge(parts)
-    if SHARED in layer.lora_A:
-        out = out + _lora_delta(layer, SHARED, x)
-    return out.to(result.dtype)
+    first = groups.names[0]  # every adapter has the same dropout: one LoraSpec for all
+    dropped = layer.lora_dropout[first](layer._cast_input_dtype(x, layer.lora_A[first].weight.dtype))
+    parts = []
+    for expert, rows in zip(groups.names, groups.split(dropped), strict=True):
+        a, b = _task_adapter(layer, expert)
+        parts.append(F.linear(F.linear(rows, a), b))
+    return (result + groups.merge(parts)).to(result.dtype)
 
 
 def _patch_for_groups(peft: PeftModel, routing: Routing) -> None:
@@ -129,11 +136,11 @@ def _patch_for_groups(peft: PeftModel, routing: Routing) -> None:
                 f"MoLA-Grad grouped path supports LoRA on plain linear layers only; {name} is "
                 f"{type(module).__name__}. Fix: change lora.target_modules, or set grouped=False."
             )
-        if module.lora_variant:
-            variant = type(next(iter(module.lora_variant.values()))).__name__
+        if module.lora_variant or any(module.lora_bias.values()):
+            variant = ", ".join(type(v).__name__ for v in module.lora_variant.values()) or "lora_bias"
             raise ValueError(
-                f"MoLA-Grad grouped path computes plain LoRA only; {name} uses {variant} (e.g. use_dora). "
-                "Fix: turn the LoRA variant off, or set grouped=False."
+                f"MoLA-Grad grouped path computes plain LoRA only; {name} uses {variant}. "
+                "Fix: turn off use_dora, lora_bias or other LoRA variants, or set grouped=False."
             )
         module.forward = partial(grouped_lora_forward, module, routing)
 
