@@ -11,7 +11,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmkit.data.generated import Example
-from lmkit.data.spec import SourceSpec, label_key
+from lmkit.data.spec import SourceSpec, label_key, local_format
 from lmkit.errors import ConfigError
 
 _TEMPLATES = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
@@ -23,7 +23,7 @@ class DataError(ConfigError):
 
 def describe(spec: SourceSpec, source: str, split: str) -> str:
     """How errors and previews name a source: the file, or the hub id with its config and split."""
-    if spec.model_copy(update={"source": source}).local_format():
+    if local_format(source):
         return source
     return f"{source}{f' ({spec.config})' if spec.config else ''} split {split}"
 
@@ -34,7 +34,7 @@ def load_rows(spec: SourceSpec, key: str, source: str | None = None, split: str 
 
     datasets.disable_progress_bars()
     source, split = source or spec.source, split or spec.split
-    builder = spec.model_copy(update={"source": source}).local_format()
+    builder = local_format(source)
     try:
         if builder:
             if not Path(source).is_file():

@@ -67,10 +67,6 @@ class SourceSpec(StrictModel):
             raise ValueError("label_names must map each raw label to a non-empty word")
         return value
 
-    def local_format(self) -> str | None:
-        """The `datasets` builder for a local data file (json, csv, parquet); None for a hub id or folder."""
-        return LOCAL_FORMATS.get(Path(self.source).suffix.lower())
-
     def resolved(self, base: Path) -> SourceSpec:
         """This spec with a relative path read from `base` (a task file's folder) when it is there."""
         candidate = base / self.source
@@ -105,6 +101,11 @@ class DataSpec(StrictModel):
         if (self.generate is None) == (self.sources is None):
             raise ValueError("set exactly one of data.sources or data.generate")
         return self
+
+
+def local_format(source: str) -> str | None:
+    """The `datasets` builder for a local data file (json, csv, parquet); None for a hub id or folder."""
+    return LOCAL_FORMATS.get(Path(source).suffix.lower())
 
 
 def label_key(raw: object) -> str:
