@@ -17,18 +17,16 @@ Runs already finished under --output are reused.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import statistics
 from pathlib import Path
 from typing import Any
+
+from real_data import DATA, ROOT, bench_parser, mean_sd, missing
 
 from lmkit.recipes import load_recipe, run_recipe
 from lmkit.report import write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 RECIPE = ROOT / "recipes" / "real" / "mola_tasks.yaml"
 TASKS = ["sst2", "ag_news", "rte", "boolq"]
 BARE_TEMPLATES = [  # the recipe's templates without their instructions, in its source order
@@ -82,21 +80,12 @@ def run_once(out: Path, overrides: list[str]) -> dict[str, Any]:
     return json.loads((out / "results.json").read_text())
 
 
-def mean_sd(values: list[float]) -> str:
-    sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.3f}{sd}"
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = bench_parser(__doc__, "mola_real", seeds=[0, 1, 2])
     parser.add_argument("--rows", type=int, default=500, help="training rows per task")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--output", default=str(ROOT / "runs" / "benchmarks" / "mola_real"))
-    parser.add_argument("--table", default=str(ROOT / "evals" / "results" / "mola_real.md"))
     args = parser.parse_args()
-    if not DATA.is_dir():
-        print(f"SKIP: {DATA} not found; this benchmark reads the real datasets there at run time.")
+    if missing():
         return 0
     scores: dict[str, list[dict[str, float]]] = {}
     purity: dict[str, list[float]] = {}

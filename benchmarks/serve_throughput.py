@@ -15,7 +15,8 @@ prebuilt binaries needed):
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-*.tar.gz
     cd llama_cpp_python-*/vendor/llama.cpp && cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
         -DGGML_NATIVE=ON && cmake --build build --target llama-server -j
-It serves the embedded Q4_1 GGUF itself; vLLM serves the same weights dequantized (bf16 by default).
+It serves the embedded Q4_1 GGUF itself; vLLM serves the same weights dequantized (float32 by
+default on CPUs without native bf16, else bf16; `lmkit nf4` re-quantizes them in flight).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from lmkit.loader import materialize
 from lmkit.loader.sources import resolve_source
 from lmkit.report import write_report
 from lmkit.serving import ServerProcess, load_serve_config
-from lmkit.serving.launch import build_command, vllm_argv
+from lmkit.serving.launch import build_command, default_dtype, vllm_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -49,8 +50,9 @@ NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_look
 
 # lmkit setups: serve-YAML overrides on top of --config. Each is a candidate single-stream setting.
 LMKIT_SETUPS = {
-    "lmkit": [],
-    "lmkit fp32": ["engine.dtype=float32"],
+    "lmkit": [],  # its CPU default dtype: float32 without native bf16 (this benchmark chose that)
+    "lmkit bf16": ["engine.dtype=bfloat16"],
+    "lmkit nf4 (in-flight)": ["model.quantization=nf4"],  # a quarter of the weight bytes per token
     "lmkit no prefix cache": ["engine.extra_args=[--no-enable-prefix-caching]"],
     "lmkit chunked prefill 256": ["engine.extra_args=[--max-num-batched-tokens,'256']"],
     "lmkit max_num_seqs 32": ["engine.max_num_seqs=32"],
@@ -202,13 +204,15 @@ def _report(args, rates, ttfts, failed) -> None:
     headers = ["setup"]
     for b in args.batches:
         headers += [f"tok/s @{b}", f"TTFT ms @{b}"]
-    headers += ["vs lmkit @1", *(f"vs llama.cpp @{b}" for b in args.batches if reference)]
+    headers += [f"vs lmkit @{b}" for b in args.batches if "lmkit" in median]
+    headers += [f"vs llama.cpp @{b}" for b in args.batches if reference]
     rows = []
     for name, per in median.items():
         row = [name]
         for b in args.batches:
             row += [f"{per[b]:.1f}", f"{ttft[name][b] * 1000:.0f}"]
-        row.append(f"{per[1] / median['lmkit'][1]:.2f}x" if "lmkit" in median and 1 in per else "-")
+        if "lmkit" in median:
+            row += [f"{per[b] / median['lmkit'][b]:.2f}x" for b in args.batches]
         if reference:
             row += [f"{per[b] / median[reference][b]:.2f}x" for b in args.batches]
         rows.append(row)
@@ -222,7 +226,8 @@ def _report(args, rates, ttfts, failed) -> None:
         rows,
         [
             f"median of {args.rounds} rounds; one server at a time, setup order flipped each round",
-            "lmkit = `lmkit serve` defaults; vllm (same settings) = the same engine flags and CPU "
+            f"lmkit = `lmkit serve` defaults (dtype {default_dtype()} on this CPU); "
+            "vllm (same settings) = the same engine flags and CPU "
             "placement without lmkit's layer; vllm (its CPU defaults) = vLLM's own placement "
             "(a core reserved for the API process, torch at 1 thread)",
         ],

@@ -8,7 +8,7 @@ tokens by attention weights, which only the eager kernel returns.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -38,8 +38,21 @@ def truncate_layers(model: PreTrainedModel, num_layers: int) -> PreTrainedModel:
     return model
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """[B, T, D] hidden states -> [B, D] fp32: the masked mean, or the last real token (right padding)."""
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).float()
+    last = attention_mask.sum(1) - 1
+    return hidden[torch.arange(hidden.shape[0]), last].float()
+
+
 class LMEncoder(nn.Module):
-    """Pooled hidden states of one layer of a causal LM (the LM head is never run)."""
+    """Pooled hidden states of one layer of a language model (its LM head, if any, is never run).
+
+    Causal LMs and encoder-only models (BERT-style, bidirectional) both work: the pooled state of
+    one layer is all the methods use, so tokenizer, width and attention pattern are free.
+    """
 
     def __init__(self, model: PreTrainedModel, layer: int = -1, pooling: Pooling = "mean") -> None:
         super().__init__()
@@ -52,11 +65,16 @@ class LMEncoder(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.layer != -1
         )
         hidden = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        if self.pooling == "mean":
-            return ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).float()
-        last = attention_mask.sum(1) - 1  # right padding
-        return hidden[torch.arange(hidden.shape[0]), last].float()
+        return pool(hidden, attention_mask, self.pooling)
+
+    def every_layer(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, poolings: tuple[Pooling, ...]
+    ) -> dict[str, torch.Tensor]:
+        """pooling -> [B, L + 1, D]: the embeddings and every layer's output, the last one after the
+        final norm (what `layer: -1` gives), for choosing the layer a probe reads best."""
+        out = self.base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        hidden = [*out.hidden_states[:-1], out.last_hidden_state]
+        return {p: torch.stack([pool(h, attention_mask, p) for h in hidden], 1) for p in poolings}
 
 
 @dataclass
@@ -65,6 +83,20 @@ class ClassifierOutput:
 
     loss: torch.Tensor | None
     logits: torch.Tensor
+
+
+@torch.inference_mode()
+def classification_accuracy(
+    model: nn.Module, rows: list[dict], collate: Callable[[list[dict]], dict], batch_size: int
+) -> float:
+    """Share of rows whose argmax logit equals `labels` (classification models returning `.logits`)."""
+    model.eval()
+    hits = 0
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size])
+        labels = batch.pop("labels")
+        hits += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return round(hits / len(rows), 4)
 
 
 @contextmanager

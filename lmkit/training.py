@@ -308,17 +308,3 @@ class Trainer:
             "stopped_early": self.validator.should_stop,
             "validation_losses": self.validator.losses,
         }
-
-
-@torch.inference_mode()
-def classification_accuracy(
-    model: nn.Module, rows: list[dict], collate: Callable[[list[dict]], dict], batch_size: int
-) -> float:
-    """Share of rows whose argmax logit equals `labels` (classification models returning `.logits`)."""
-    model.eval()
-    hits = 0
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size])
-        labels = batch.pop("labels")
-        hits += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return round(hits / len(rows), 4)

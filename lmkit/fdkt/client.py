@@ -15,8 +15,8 @@ from lmkit.batching import pad
 from lmkit.fdkt.config import SynthConfig, TaskConfig
 from lmkit.fdkt.data import LABELS
 from lmkit.loader import load_model
-from lmkit.modeling import ClassifierOutput, LMEncoder, truncate_layers
-from lmkit.training import Trainer, classification_accuracy
+from lmkit.modeling import ClassifierOutput, LMEncoder, classification_accuracy, truncate_layers
+from lmkit.training import Trainer
 
 
 def control_code(domain: str, label: str) -> str:

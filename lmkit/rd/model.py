@@ -55,13 +55,19 @@ class LossWeights:
     kd: float = 1.0  # logit KD and feature MSE baselines
     temperature: float = 2.0
     decay: Literal["linear", "none"] = "linear"
+    decay_floor: float = 0.0  # the decaying weights stop at this share
+    stage: float = 1.0  # per extra stage: 1 - CKA(teacher layer, projected student layer)
+    cka_target: Literal["detached", "joint"] = "detached"  # may CKA move the reprogrammer?
 
 
 class StudentDistiller(nn.Module):
     """Student encoder + projection + classifier, trained with the objective of `variant`.
 
     Teacher features arrive either precomputed (`teacher_features`, from the cache) or are computed
-    live by a frozen `teacher` encoder from `teacher_input_ids`.
+    live by a frozen `teacher` encoder from `teacher_input_ids`; the teacher and the probe stay in
+    eval mode whatever mode the trainer sets (a teacher with dropout would give noisy targets).
+    In eval mode the loss is the student's cross-entropy alone: what validation compares across
+    variants, whose training objectives differ.
     """
 
     def __init__(
@@ -75,23 +81,39 @@ class StudentDistiller(nn.Module):
         reprogrammer_hidden: int,
         probe: TeacherProbe | None = None,
         teacher: LMEncoder | None = None,
+        stages: list[tuple[int, int]] | None = None,
     ) -> None:
+        """`stages`: extra (teacher layer, student layer) pairs aligned by CKA through per-stage
+        student projectors (multi-stage RD); layer indices count the embeddings as 0."""
         super().__init__()
         self.student, self.variant, self.weights = student, variant, weights
         self.project = nn.Linear(student.hidden_size, shared_dim)
         self.head = nn.Linear(shared_dim, num_classes)
         self.teacher = teacher.requires_grad_(False) if teacher is not None else None
         self.probe = probe.requires_grad_(False) if probe is not None else None
+        self.stages = list(stages or []) if variant == "rd" else []
         if variant == "rd":
             self.reprogram = Reprogrammer(teacher_dim, reprogrammer_hidden, shared_dim)
+            self.stage_projects = nn.ModuleList(
+                nn.Linear(student.hidden_size, shared_dim) for _ in self.stages
+            )
         if variant == "feature_mse":
             self.regress = nn.Linear(student.hidden_size, teacher_dim)
         if variant == "logit_kd" and probe is None:
             raise ValueError("logit_kd needs a trained teacher probe")
         self.progress = 0.0  # share of training done, set by the trainer; drives the decaying weights
 
+    def train(self, mode: bool = True) -> StudentDistiller:
+        super().train(mode)
+        for frozen in (self.teacher, self.probe):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
     def _decay(self) -> float:
-        return 1.0 - self.progress if self.weights.decay == "linear" else 1.0
+        if self.weights.decay == "none":
+            return 1.0
+        return max(1.0 - self.progress, self.weights.decay_floor)
 
     def _teacher_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "teacher_features" in batch:
@@ -100,6 +122,18 @@ class StudentDistiller(nn.Module):
         with torch.no_grad():
             return self.teacher(batch["teacher_input_ids"], batch["teacher_attention_mask"])
 
+    def _teacher_stages(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, stages, D] teacher features of the extra stages' layers."""
+        if "teacher_stage_features" in batch:
+            return batch["teacher_stage_features"]
+        assert self.teacher is not None, "no teacher stage features in the batch and no live teacher"
+        with torch.no_grad():
+            pooling = self.teacher.pooling
+            stack = self.teacher.every_layer(
+                batch["teacher_input_ids"], batch["teacher_attention_mask"], (pooling,)
+            )[pooling]
+        return stack[:, [t for t, _ in self.stages]]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -107,13 +141,19 @@ class StudentDistiller(nn.Module):
         labels: torch.Tensor | None = None,
         **teacher_inputs: torch.Tensor,
     ) -> ClassifierOutput:
-        raw = self.student(input_ids, attention_mask)
+        stack = None
+        if self.stages and self.training and labels is not None:  # every student layer, one pass
+            pooling = self.student.pooling
+            stack = self.student.every_layer(input_ids, attention_mask, (pooling,))[pooling]
+            raw = stack[:, self.student.layer]
+        else:
+            raw = self.student(input_ids, attention_mask)
         shared = self.project(raw)
         logits = self.head(shared)
         if labels is None:
             return ClassifierOutput(None, logits)
         loss = F.cross_entropy(logits, labels)
-        if self.variant == "student_ce":
+        if self.variant == "student_ce" or not self.training:
             return ClassifierOutput(loss, logits)
         w, temp = self.weights, self.weights.temperature
         teacher = self._teacher_features(teacher_inputs)
@@ -129,7 +169,14 @@ class StudentDistiller(nn.Module):
         decay = self._decay()
         loss = loss + decay * w.hybrid * F.cross_entropy(hybrid, labels)
         loss = loss + decay * w.agreement * _kl(hybrid.detach(), logits, temp)
-        loss = loss + w.cka * cka_loss(reprogrammed, shared)
+        target = reprogrammed.detach() if w.cka_target == "detached" else reprogrammed
+        loss = loss + w.cka * cka_loss(target, shared)
+        if stack is not None:
+            teacher_stages = self._teacher_stages(teacher_inputs)
+            for i, (project, (_, student_layer)) in enumerate(
+                zip(self.stage_projects, self.stages, strict=True)
+            ):
+                loss = loss + w.stage * cka_loss(teacher_stages[:, i], project(stack[:, student_layer]))
         return ClassifierOutput(loss, logits)
 
 

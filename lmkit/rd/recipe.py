@@ -1,89 +1,57 @@
 """`method: rd` — reprogramming distillation: frozen teacher LM -> small student of any architecture.
 
-The recipe trains, on the same data and step budget: the teacher with reprogramming alone
-(`teacher_probe`), and the student with CE only, logit KD, feature MSE (FitNet) and RD. It reports
-accuracy per variant and the student's latency against the teacher's, then exports the RD student.
+The recipe trains, on the same data: the teacher with reprogramming alone (`teacher_probe`), and
+the student with CE only, logit KD, feature MSE (FitNet) and RD, each until its validation loss
+stops improving when `train.early_stopping` is set. It reports accuracy and steps per variant and
+the student's latency and size against the teacher's, then exports the RD student.
 Losses of RD: CE(student) + a*CE(hybrid) + b*KL(hybrid || student) + c*(1 - CKA(reprogrammed, student)),
-where hybrid = shared classifier on reprogrammed teacher features and a, b decay linearly to 0.
+where hybrid = shared classifier on reprogrammed teacher features and a, b decay linearly to
+`decay_floor`; with `cka_target: detached` the CKA term moves only the student.
 """
 
 from __future__ import annotations
 
-import gc
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 
 from lmkit.batching import pad
-from lmkit.data import DataSpec, load_data
-from lmkit.errors import ConfigError
-from lmkit.loader import ModelSpec, load_model
-from lmkit.modeling import LMEncoder, truncate_layers
-from lmkit.rd.config import ALL_VARIANTS, EncoderSection, RDSection, StudentSection
-from lmkit.rd.features import cache_key, encode, load_cached, save_cache, tokenize
+from lmkit.modeling import classification_accuracy
+from lmkit.rd.config import ALL_VARIANTS, RDRecipe
+from lmkit.rd.features import encode
 from lmkit.rd.model import LossWeights, StudentDistiller, TeacherProbe
-from lmkit.rd.student import export_student
-from lmkit.recipes import Method, Recipe
+from lmkit.rd.student import build_student, export_student
+from lmkit.rd.teacher import Setup, check_layer, prepare
+from lmkit.recipes import Method
 from lmkit.report import write_report
-from lmkit.training import TrainConfig, Trainer, classification_accuracy
+from lmkit.training import Trainer
 
-CKA_BATCH_FLOOR = 8  # recipe floor; lmkit.rd.cka.MIN_CKA_BATCH (4) is where CKA stops being defined
-
-
-class RDRecipe(Recipe):
-    """`model` is the frozen teacher; `student` is any smaller causal LM (own tokenizer and width)."""
-
-    method: Literal["rd"]
-    model: ModelSpec = Field(default_factory=lambda: ModelSpec(dtype="bfloat16"))  # the frozen teacher
-    data: DataSpec
-    teacher: EncoderSection = Field(default_factory=EncoderSection)
-    student: StudentSection = Field(default_factory=StudentSection)
-    labels: list[str] | None = Field(
-        None, min_length=2, description="classifier classes; default: targets seen"
-    )
-    rd: RDSection = Field(default_factory=RDSection)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-
-    @model_validator(mode="after")
-    def _check(self) -> RDRecipe:
-        if "rd" in self.rd.variants and self.rd.cka_weight > 0 and self.train.batch_size < CKA_BATCH_FLOOR:
-            raise ValueError(
-                f"CKA compares n x n Gram matrices over a batch and needs train.batch_size >= "
-                f"{CKA_BATCH_FLOOR} (got {self.train.batch_size}); gradient accumulation does not "
-                "enlarge it. Fix: raise train.batch_size or set rd.cka_weight: 0"
-            )
-        if "logit_kd" in self.rd.variants and "teacher_probe" not in self.rd.variants:
-            raise ValueError("variant logit_kd distils the teacher_probe; add teacher_probe to rd.variants")
-        return self
-
-
-def _encoder(spec: ModelSpec, section: EncoderSection) -> tuple[LMEncoder, Any]:
-    loaded = load_model(spec)
-    model = truncate_layers(loaded.model, section.num_layers) if section.num_layers else loaded.model
-    return LMEncoder(model, section.layer, section.pooling), loaded.tokenizer
-
-
-def _label_ids(labels: list[str], targets: list[str], where: str) -> list[int]:
-    unknown = sorted(set(targets) - set(labels))
-    if unknown:
-        raise ConfigError(
-            f"{where} has labels {unknown} that the classifier (labels: {labels}, "
-            f"{len(labels)} outputs) does not have. Fix: add them to labels or remove labels."
-        )
-    return [labels.index(t) for t in targets]
+TRAINING_KEYS = (
+    "steps",
+    "best_step",
+    "stopped_early",
+    "best_validation_loss",
+    "validation_rows",
+    "train_seconds",
+)
 
 
 def _collate(
-    rows: list[dict], pad_id: int, features: torch.Tensor | None, teacher_pad_id: int | None
+    rows: list[dict],
+    pad_id: int,
+    features: torch.Tensor | None,
+    teacher_pad_id: int | None,
+    stage_features: torch.Tensor | None = None,
 ) -> dict:
     batch: dict[str, torch.Tensor] = {"labels": torch.tensor([r["label"] for r in rows])}
     if "input_ids" in rows[0]:
         batch["input_ids"], batch["attention_mask"] = pad([r["input_ids"] for r in rows], pad_id)
     if features is not None:
-        batch["teacher_features"] = features[torch.tensor([r["index"] for r in rows])]
+        index = torch.tensor([r["index"] for r in rows])
+        batch["teacher_features"] = features[index]
+        if stage_features is not None:
+            batch["teacher_stage_features"] = stage_features[index]
     elif teacher_pad_id is not None:
         batch["teacher_input_ids"], batch["teacher_attention_mask"] = pad(
             [r["teacher_ids"] for r in rows], teacher_pad_id
@@ -92,76 +60,14 @@ def _collate(
 
 
 def _set_progress(model: StudentDistiller, total_steps: int, step: int) -> None:
-    model.progress = step / total_steps
+    model.progress = min(step / total_steps, 1.0)
 
 
-@dataclass
-class Setup:
-    """What every variant shares: the data, the labels and the frozen teacher's side."""
-
-    labels: list[str]
-    texts: dict[str, list[str]]  # split -> input texts
-    targets: dict[str, list[int]]  # split -> label ids
-    features: dict[str, torch.Tensor]  # split -> pooled teacher features (cached or fresh)
-    teacher_tokenizer: Any
-    teacher_seconds: float  # the teacher's forward time on the eval set
-    teacher_params: int
-    live_teacher: LMEncoder | None  # kept in memory only when features are not cached
-    teacher_length: int
-
-    def rows(self, split: str, student_tokenizer: Any = None, max_length: int = 0) -> list[dict]:
-        """Training rows: label and feature index, plus token ids for the student (and a live teacher)."""
-        rows = [{"label": y, "index": i} for i, y in enumerate(self.targets[split])]
-        if student_tokenizer is not None:
-            for row, ids in zip(
-                rows, tokenize(student_tokenizer, self.texts[split], max_length), strict=True
-            ):
-                row["input_ids"] = ids
-        if self.live_teacher is not None:
-            teacher_ids = tokenize(self.teacher_tokenizer, self.texts[split], self.teacher_length)
-            for row, ids in zip(rows, teacher_ids, strict=True):
-                row["teacher_ids"] = ids
-        return rows
+def _trained(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: stats[k] for k in TRAINING_KEYS if k in stats}
 
 
-def _setup(recipe: RDRecipe) -> Setup:
-    """Load the data, encode it with the frozen teacher once (or reuse the cache), then drop the teacher."""
-    rd, tcfg = recipe.rd, recipe.teacher
-    train_examples, eval_examples = load_data(recipe.data)
-    labels = recipe.labels or sorted({e["target"] for e in train_examples})
-    targets = {
-        "train": _label_ids(labels, [e["target"] for e in train_examples], "train data"),
-        "eval": _label_ids(labels, [e["target"] for e in eval_examples], "eval data"),
-    }
-    texts = {"train": [e["input"] for e in train_examples], "eval": [e["input"] for e in eval_examples]}
-    teacher, teacher_tok = _encoder(recipe.model, tcfg)
-    described = {"model": recipe.model.model_dump(mode="json"), **tcfg.model_dump()}
-    key = cache_key(described, texts["train"] + texts["eval"])
-    cached = load_cached(recipe.output_dir / "teacher_features", key) if rd.cache_teacher_features else None
-    if cached is None:
-        encoded = {
-            split: encode(teacher, teacher_tok, t, tcfg.max_length, rd.encode_batch_size, f"teacher {split}")
-            for split, t in texts.items()
-        }
-        cached = {split: features for split, (features, _) in encoded.items()}
-        teacher_seconds = encoded["eval"][1]
-        if rd.cache_teacher_features:
-            save_cache(recipe.output_dir / "teacher_features", key, cached, described)
-    else:  # features from the cache; time the teacher on the eval set once for the latency ratio
-        _, teacher_seconds = encode(
-            teacher, teacher_tok, texts["eval"], tcfg.max_length, rd.encode_batch_size, "teacher latency"
-        )
-    teacher_params = sum(p.numel() for p in teacher.parameters())
-    live = None if rd.cache_teacher_features else teacher.requires_grad_(False)
-    if live is None:
-        del teacher
-        gc.collect()
-    return Setup(
-        labels, texts, targets, cached, teacher_tok, teacher_seconds, teacher_params, live, tcfg.max_length
-    )
-
-
-def _train_probe(recipe: RDRecipe, setup: Setup, resume: bool) -> tuple[TeacherProbe, float]:
+def train_probe(recipe: RDRecipe, setup: Setup, resume: bool) -> tuple[TeacherProbe, float, dict]:
     """The frozen teacher with reprogramming alone: the ceiling RD transfers from."""
     rd = recipe.rd
     torch.manual_seed(recipe.seed)
@@ -170,28 +76,41 @@ def _train_probe(recipe: RDRecipe, setup: Setup, resume: bool) -> tuple[TeacherP
     )
     collate = partial(_collate, pad_id=0, features=setup.features["train"], teacher_pad_id=None)
     rows = setup.rows("train")
-    Trainer(probe, rows, collate, recipe.train, recipe.output_dir / "variants" / "teacher_probe").train(
-        resume=resume
-    )
+    stats = Trainer(
+        probe, rows, collate, recipe.train, recipe.output_dir / "variants" / "teacher_probe"
+    ).train(resume=resume)
     accuracy = classification_accuracy(
         probe,
         setup.rows("eval"),
         partial(collate, features=setup.features["eval"]),
         rd.encode_batch_size,
     )
-    return probe, accuracy
+    return probe, accuracy, _trained(stats)
 
 
-def _train_student(
+def train_student(
     recipe: RDRecipe, setup: Setup, variant: str, probe: TeacherProbe | None, resume: bool
-) -> tuple[StudentDistiller, Any, float]:
+) -> tuple[StudentDistiller, Any, float, dict]:
     """One student variant (CE, logit KD, feature MSE or RD) trained and scored on the eval split."""
     rd = recipe.rd
     torch.manual_seed(recipe.seed)
-    encoder, student_tok = _encoder(recipe.student.model, recipe.student)
+    encoder, student_tok = build_student(recipe.student, recipe.seed)
     weights = LossWeights(
-        rd.hybrid_weight, rd.agreement_weight, rd.cka_weight, rd.kd_weight, rd.temperature, rd.decay
+        hybrid=rd.hybrid_weight,
+        agreement=rd.agreement_weight,
+        cka=rd.cka_weight,
+        kd=rd.kd_weight,
+        temperature=rd.temperature,
+        decay=rd.decay,
+        decay_floor=rd.decay_floor,
+        cka_target=rd.cka_target,
+        stage=rd.stage_weight,
     )
+    depth = encoder.base.config.num_hidden_layers + 1
+    stages = [
+        (s.teacher_layer, check_layer(s.student_layer, depth, "student", "rd.stages: student_layer"))
+        for s in rd.stages
+    ]
     model = StudentDistiller(
         encoder,
         setup.features["train"].shape[1],
@@ -202,6 +121,7 @@ def _train_student(
         rd.reprogrammer_hidden,
         probe=probe if variant == "logit_kd" else None,
         teacher=setup.live_teacher,
+        stages=stages,
     )
     cached = setup.live_teacher is None
     collate = partial(
@@ -209,85 +129,122 @@ def _train_student(
         pad_id=student_tok.pad_token_id,
         features=setup.features["train"] if cached else None,
         teacher_pad_id=setup.teacher_tokenizer.pad_token_id,
+        stage_features=setup.stage_features["train"] if cached and setup.stage_features else None,
     )
     student_side = (student_tok, recipe.student.max_length)
-    Trainer(
+    stats = Trainer(
         model,
         setup.rows("train", *student_side),
         collate,
         recipe.train,
         recipe.output_dir / "variants" / variant,
-        on_step=partial(_set_progress, model, recipe.train.max_steps),
+        on_step=partial(_set_progress, model, rd.decay_steps or recipe.train.max_steps),
     ).train(resume=resume)
     accuracy = classification_accuracy(
         model,
         setup.rows("eval", *student_side),
-        partial(collate, features=setup.features["eval"] if cached else None),
+        partial(collate, features=setup.features["eval"] if cached else None, stage_features=None),
         rd.encode_batch_size,
     )
-    return model, student_tok, accuracy
+    return model, student_tok, accuracy, _trained(stats)
+
+
+def student_cost(recipe: RDRecipe, setup: Setup, model: StudentDistiller, tokenizer: Any) -> dict[str, Any]:
+    """The student's forward seconds on the latency rows (as the teacher was timed) and its size."""
+    _, seconds = encode(
+        model.student,
+        tokenizer,
+        setup.texts["eval"][: recipe.rd.latency_rows],
+        recipe.student.max_length,
+        recipe.rd.encode_batch_size,
+        "student latency",
+    )
+    return {"seconds": seconds, "params": sum(p.numel() for p in model.student.parameters())}
 
 
 def run(recipe: RDRecipe, resume: bool) -> dict[str, Any]:
-    setup = _setup(recipe)
+    setup = prepare(recipe)
     accuracy: dict[str, float] = {}
+    training: dict[str, dict] = {}
     probe = None
     if "teacher_probe" in recipe.rd.variants:
-        probe, accuracy["teacher_probe"] = _train_probe(recipe, setup, resume)
+        probe, accuracy["teacher_probe"], training["teacher_probe"] = train_probe(recipe, setup, resume)
     student: dict[str, Any] = {}
     for variant in [v for v in ALL_VARIANTS if v in recipe.rd.variants and v != "teacher_probe"]:
-        model, student_tok, accuracy[variant] = _train_student(recipe, setup, variant, probe, resume)
+        model, student_tok, accuracy[variant], training[variant] = train_student(
+            recipe, setup, variant, probe, resume
+        )
         if not student:  # latency and size are the same for every variant: measure once
-            _, seconds = encode(
-                model.student,
-                student_tok,
-                setup.texts["eval"],
-                recipe.student.max_length,
-                recipe.rd.encode_batch_size,
-                "student latency",
-            )
-            student = {"seconds": seconds, "params": sum(p.numel() for p in model.student.parameters())}
+            student = student_cost(recipe, setup, model, student_tok)
         if variant == "rd":
             student["exported"] = export_student(
                 recipe.output_dir / "student", model, student_tok, setup.labels, recipe.student.max_length
             )
-    return _report(recipe, setup, accuracy, student)
+    return _report(recipe, setup, accuracy, training, student)
 
 
 def _report(
-    recipe: RDRecipe, setup: Setup, accuracy: dict[str, float], student: dict[str, Any]
+    recipe: RDRecipe,
+    setup: Setup,
+    accuracy: dict[str, float],
+    training: dict[str, dict],
+    student: dict[str, Any],
 ) -> dict[str, Any]:
     seconds, params = student.get("seconds"), student.get("params")
     ratio = round(seconds / setup.teacher_seconds, 4) if seconds else None
+    student_name = recipe.student.model.source
+    if recipe.student.scratch is not None:
+        shape = recipe.student.scratch
+        student_name = (
+            f"random-init {shape.kind} ({shape.num_layers} layers, width {shape.hidden_size}, "
+            f"{student_name} tokenizer)"
+        )
+    choice = setup.layer_choice
     results = {
         "method": "rd",
         "teacher": recipe.model.source,
-        "student": recipe.student.model.source,
+        "teacher_layer": choice.as_dict() if choice else {"layer": recipe.teacher.layer},
+        "student": student_name,
         "labels": setup.labels,
         "accuracy": accuracy,
+        "training": training,
         "train_examples": len(setup.texts["train"]),
         "eval_examples": len(setup.texts["eval"]),
-        "steps_per_variant": recipe.train.max_steps,
         "teacher_params": setup.teacher_params,
         "student_params": params,
-        "teacher_eval_seconds": round(setup.teacher_seconds, 4),
-        "student_eval_seconds": round(seconds, 4) if seconds else None,
+        "student_over_teacher_params": round(params / setup.teacher_params, 4) if params else None,
+        "latency_rows": min(recipe.rd.latency_rows, len(setup.texts["eval"])),
+        "teacher_latency_seconds": round(setup.teacher_seconds, 4),
+        "student_latency_seconds": round(seconds, 4) if seconds else None,
         "student_over_teacher_latency": ratio,
         "exported_student": str(student["exported"]) if "exported" in student else None,
     }
-    rows = [[variant, accuracy[variant]] for variant in ALL_VARIANTS if variant in accuracy]
+    rows = [
+        [variant, accuracy[variant], training[variant].get("steps"), training[variant].get("best_step", "-")]
+        for variant in ALL_VARIANTS
+        if variant in accuracy
+    ]
     notes = [
         f"teacher {recipe.model.source} ({setup.teacher_params / 1e6:.1f}M params), student "
-        f"{recipe.student.model.source} ({(params or 0) / 1e6:.1f}M); same data and "
-        f"{recipe.train.max_steps} steps per variant"
+        f"{student_name} ({(params or 0) / 1e6:.1f}M); same data for every variant, each trained "
+        + (
+            "until its validation loss stopped improving"
+            if recipe.train.early_stopping
+            else f"for {recipe.train.max_steps} steps"
+        )
     ]
+    if choice:
+        notes.append(
+            f"teacher layer {choice.layer} with {choice.pooling} pooling, chosen by a ridge probe "
+            f"({choice.validation_accuracy} on {choice.validation_rows} validation rows)"
+        )
     if ratio:
-        notes.append(f"student/teacher latency on the eval set: {ratio}")
+        notes.append(f"student/teacher latency (fp32 forward, {results['latency_rows']} eval rows): {ratio}")
     write_report(
         recipe.output_dir,
         f"Reprogramming distillation: accuracy on {len(setup.texts['eval'])} held-out examples",
         results,
-        ["variant", "accuracy"],
+        ["variant", "accuracy", "steps", "best step"],
         rows,
         notes,
     )

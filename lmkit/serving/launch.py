@@ -62,7 +62,7 @@ def cpu_has_native_bf16() -> bool:
 
 def default_dtype(quantization: str = "none") -> str:
     """bfloat16, except on CPUs that would emulate it (measured: fp32 decodes 1.7-2.1x faster at
-    8-32 concurrent requests there; evals/results/serve_throughput_cpu_settings.md). In-flight nf4
+    8-32 concurrent requests there; evals/results/serve_throughput.md). In-flight nf4
     stays bfloat16: vLLM's bitsandbytes loader lays its packed weights out for 16-bit parameters
     and fails to load them into float32 ones."""
     if quantization != "none":

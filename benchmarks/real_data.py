@@ -1,0 +1,39 @@
+"""What the real-data benchmarks share: where ../shared/data is, their common flags, mean ± sd.
+
+The data folder is benchmark-only (a user's clone lacks it): each benchmark skips cleanly without it.
+Imported by the scripts next to it (`python benchmarks/<name>.py` puts this folder on sys.path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def bench_parser(doc: str | None, name: str, seeds: list[int] | None = None) -> argparse.ArgumentParser:
+    """--output (runs/benchmarks/NAME) and --table (evals/results/NAME.md), plus --seeds if given."""
+    parser = argparse.ArgumentParser(description=(doc or name).splitlines()[0])
+    if seeds is not None:
+        parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--output", default=str(ROOT / "runs" / "benchmarks" / name))
+    parser.add_argument("--table", default=str(ROOT / "evals" / "results" / f"{name}.md"))
+    return parser
+
+
+def missing(path: Path = DATA) -> bool:
+    """True (after saying so) when the real data this benchmark reads is not on this machine."""
+    if path.exists():
+        return False
+    print(f"SKIP: {path} not found; this benchmark reads the real datasets there at run time.")
+    return True
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.3f}{sd}"
