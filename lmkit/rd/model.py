@@ -115,24 +115,21 @@ class StudentDistiller(nn.Module):
             return 1.0
         return max(1.0 - self.progress, self.weights.decay_floor)
 
-    def _teacher_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _teacher_side(
+        self, batch: dict[str, torch.Tensor], stages: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's pooled features [B, D] and, with `stages`, its extra stages' [B, S, D]: from
+        the cache, or from one forward pass of the live teacher."""
         if "teacher_features" in batch:
-            return batch["teacher_features"]
+            return batch["teacher_features"], batch.get("teacher_stage_features") if stages else None
         assert self.teacher is not None, "no teacher features in the batch and no live teacher"
+        ids, mask = batch["teacher_input_ids"], batch["teacher_attention_mask"]
         with torch.no_grad():
-            return self.teacher(batch["teacher_input_ids"], batch["teacher_attention_mask"])
-
-    def _teacher_stages(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, stages, D] teacher features of the extra stages' layers."""
-        if "teacher_stage_features" in batch:
-            return batch["teacher_stage_features"]
-        assert self.teacher is not None, "no teacher stage features in the batch and no live teacher"
-        with torch.no_grad():
+            if not stages:
+                return self.teacher(ids, mask), None
             pooling = self.teacher.pooling
-            stack = self.teacher.every_layer(
-                batch["teacher_input_ids"], batch["teacher_attention_mask"], (pooling,)
-            )[pooling]
-        return stack[:, [t for t, _ in self.stages]]
+            stack = self.teacher.every_layer(ids, mask, (pooling,))[pooling]
+        return stack[:, self.teacher.layer], stack[:, [t for t, _ in self.stages]]
 
     def forward(
         self,
@@ -156,7 +153,7 @@ class StudentDistiller(nn.Module):
         if self.variant == "student_ce" or not self.training:
             return ClassifierOutput(loss, logits)
         w, temp = self.weights, self.weights.temperature
-        teacher = self._teacher_features(teacher_inputs)
+        teacher, teacher_stages = self._teacher_side(teacher_inputs, stages=stack is not None)
         if self.variant == "feature_mse":
             target = F.layer_norm(teacher, teacher.shape[-1:])
             return ClassifierOutput(loss + w.kd * F.mse_loss(self.regress(raw), target), logits)
@@ -172,7 +169,7 @@ class StudentDistiller(nn.Module):
         target = reprogrammed.detach() if w.cka_target == "detached" else reprogrammed
         loss = loss + w.cka * cka_loss(target, shared)
         if stack is not None:
-            teacher_stages = self._teacher_stages(teacher_inputs)
+            assert teacher_stages is not None, "multi-stage RD needs the teacher's stage features"
             for i, (project, (_, student_layer)) in enumerate(
                 zip(self.stage_projects, self.stages, strict=True)
             ):
