@@ -160,6 +160,8 @@ def report(args: argparse.Namespace, results: dict[str, dict[int, list[dict[str,
         f"python benchmarks/rd_real.py --datasets {' '.join(args.datasets)} --sizes "
         f"{' '.join(map(str, args.sizes))} --seeds {' '.join(map(str, args.seeds))}"
     )
+    if args.rows != DEFAULT_ROWS:
+        command += " --rows " + " ".join(f'"{label}"' for label in args.rows)
     notes = [
         f"command: `{command}`; recipes recipes/real/rd_sst2.yaml and rd_ag_news.yaml",
         "teacher: frozen SmolLM2-135M-Instruct (fp32), layer and pooling chosen per run by a ridge probe "
