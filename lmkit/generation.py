@@ -38,11 +38,15 @@ def generate_ids(
     batch_size: int,
     description: str = "generating",
     per_prompt: dict[str, list[int]] | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> list[str]:
-    """Greedy completions for tokenized prompts, batched with left padding.
+    """Completions for tokenized prompts, batched with left padding: greedy, or sampled when
+    `temperature` > 0 (seed torch's RNG first for a reproducible draw).
 
     `per_prompt` holds extra integer inputs, one per prompt (e.g. MoLA's `task_ids`), passed batched.
     """
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
     model.eval()
     device = next(model.parameters()).device
     outputs: list[str] = []
@@ -59,7 +63,7 @@ def generate_ids(
                 attention_mask=mask.to(device),
                 **extra,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                **(sampling or {"do_sample": False}),
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
@@ -77,10 +81,14 @@ def generate(
     batch_size: int,
     description: str = "generating",
     per_prompt: dict[str, list[int]] | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> list[str]:
-    """Greedy completions for raw user prompts (chat-formatted here); see `generate_ids`."""
+    """Completions for raw user prompts (chat-formatted here); see `generate_ids`."""
     rows = [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
-    return generate_ids(model, tokenizer, rows, max_new_tokens, batch_size, description, per_prompt)
+    return generate_ids(
+        model, tokenizer, rows, max_new_tokens, batch_size, description, per_prompt, temperature, top_p
+    )
 
 
 def normalize(text: str) -> str:

@@ -7,15 +7,19 @@ from lmkit.fdkt.config import FDKTConfig
 TINY = {"source": "tiny-llama"}
 
 
+def review_client(domain: str, train: int = 12, test: int = 8) -> dict:
+    generate = {"tasks": [f"reviews_{domain}"], "train_size": train, "eval_size": test}
+    return {"name": domain, "domain": f"{domain} reviews", "data": {"generate": generate}}
+
+
 def tiny_fdkt(**overrides) -> FDKTConfig:
     settings = {
-        "domains": ["restaurant", "travel"],
-        "private_train": 12,
-        "private_test": 8,
+        "clients": [review_client("restaurant"), review_client("travel")],
         "generator": TINY,
         "dp": {"epsilon": 4.0, "epochs": 1, "batch_size": 4},
         "synth": {"per_label": 3, "max_new_tokens": 12},
         "server": {"model": TINY, "max_tokens": 16},
+        "server_step": {"per_cluster": 2},
         "augment_per_label": 3,
         "prompts_per_label": 2,
         "task": {
@@ -40,6 +44,7 @@ TINY_RECIPE_OVERRIDES = [
     "fdkt.server.max_tokens=8",
     "fdkt.prompts_per_label=1",
     "fdkt.dp.epochs=1",
-    "fdkt.private_test=8",
-    "fdkt.domains=[travel, restaurant]",
+    "fdkt.clients=[{name: travel, domain: travel reviews, data: {generate: {tasks: [reviews_travel], "
+    "train_size: 12, eval_size: 8}}}, {name: restaurant, domain: restaurant reviews, data: {generate: "
+    "{tasks: [reviews_restaurant], train_size: 12, eval_size: 8}}}]",
 ]

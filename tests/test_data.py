@@ -51,6 +51,23 @@ def test_columns_label_names_and_template(tmp_path):
     assert [e["target"] for e in examples] == ["negative", "positive"] * 2
 
 
+def test_drop_labels_leaves_rows_out_before_the_limit_sample(tmp_path):
+    rows = [{"text": f"tweet {i}", "label": i % 3} for i in range(30)]  # 0 negative, 1 neutral, 2 positive
+    spec = {
+        "source": str(write_jsonl(tmp_path / "t.jsonl", rows)),
+        "columns": {"input": "text", "target": "label"},
+        "label_names": {0: "negative", 2: "positive"},
+        "drop_labels": [1],
+    }
+    examples = read_source(SourceSpec(**spec), "k")
+    assert len(examples) == 20 and {e["target"] for e in examples} == {"negative", "positive"}
+    assert len(read_source(SourceSpec(**spec, limit=15), "k")) == 15
+    with pytest.raises(DataError, match="label 1 is not in label_names"):
+        read_source(SourceSpec(**{**spec, "drop_labels": []}), "k")
+    with pytest.raises(DataError, match="drop_labels: the file has no column 'stars'"):
+        read_source(SourceSpec(**{**spec, "columns": {"input": "text", "target": "stars"}}), "k")
+
+
 def test_input_column_without_template_and_constant_or_column_task(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"question": "2+2?", "answer": 4, "kind": "math"}])
     spec = {"source": str(path), "columns": {"input": "question", "target": "answer"}}

@@ -1,5 +1,6 @@
 """FDKT building blocks on real components: Opacus DP-SGD + accounting, the server LLM's parsing,
-the in-process federation (what crosses the boundary, dropouts) and the recipe."""
+the in-process federation (what crosses the boundary, dropouts) and the recipe. Clustering, secure
+DP and user data files are in test_fdkt_server.py and test_fdkt_clients.py."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import pytest
 import torch
 from dp_accounting import pld
 
+from lmkit.data.reviews import REVIEW_DOMAINS
 from lmkit.errors import LmkitError
-from lmkit.fdkt.audit import auc, exposure
-from lmkit.fdkt.data import DOMAINS, make_canaries
+from lmkit.fdkt.audit import auc, exposure, tpr_at_fpr
+from lmkit.fdkt.data import ClientData, make_canaries
 from lmkit.fdkt.privacy import ClientPrivacy, DPConfig, dp_finetune, plan_noise
-from lmkit.fdkt.protocol import ClientData, private_data, run_inprocess
+from lmkit.fdkt.protocol import private_data, run_inprocess
 from lmkit.fdkt.server import LocalLLM, ServerLLMConfig, augment, parse_samples, parse_verdict
 from lmkit.loader import load_model
 from tests.fdkt_helpers import TINY, TINY_RECIPE_OVERRIDES, tiny_fdkt
@@ -93,55 +95,86 @@ def test_malformed_llm_output_is_parsed_or_skipped_never_raised(reply, expected)
     assert (len(parsed) == expected) if isinstance(expected, int) else parsed == expected
 
 
-def test_verdicts_read_the_first_label_word_or_none():
-    assert parse_verdict("This review is Negative.") == "negative"
-    assert parse_verdict("Positive!") == "positive" and parse_verdict("I cannot tell") is None
+def test_verdicts_read_the_first_label_named_or_none():
+    labels = ["positive", "negative"]
+    assert parse_verdict("This review is Negative.", labels) == "negative"
+    assert parse_verdict("Positive!", labels) == "positive" and parse_verdict("I cannot tell", labels) is None
+    three = ["not entailment", "entailment", "neutral"]
+    assert parse_verdict("Label: not entailment, I think", three) == "not entailment"
+    assert parse_verdict("entailment.", three) == "entailment"
+    assert parse_verdict("It is neutral", three) == "neutral"
 
 
 def test_augment_counts_malformed_replies_from_a_real_model_and_keeps_going():
     demos = [{"text": f"the soup was fresh {i}", "label": "positive"} for i in range(3)]
+    config = tiny_fdkt(server_step={"cluster": False})
     report = augment(
-        demos, "restaurant", LocalLLM(ServerLLMConfig(model=TINY)), 4, 2, 2, seed=0, max_tokens=8
+        demos, "restaurant reviews", ["positive", "negative"], LocalLLM(config.server), config, 0
     )
     assert report.malformed + report.filtered_out + report.kept_demos >= len(demos)
     assert all(s["label"] in ("positive", "negative") for s in report.samples)
 
 
-def test_audit_measures_exposure_and_auc():
-    canaries = make_canaries("travel", 2, seed=0)
+def test_audit_measures_exposure_auc_and_tpr_at_low_fpr():
+    records = [{"text": "the beach was scenic", "label": "positive"}]
+    canaries = make_canaries(records, 2, seed=0)
+    assert all(c.text.startswith("the beach was scenic Ref ") for c in canaries)
     leaked = exposure(canaries, [f"nothing here {canaries[0].secret[:6]}", "x"])
     assert leaked == {"secret_exposed": 0.0, "secret_5gram_exposed": 0.5}
     assert exposure(canaries, [canaries[1].text])["secret_exposed"] == 0.5
     assert auc([3, 4], [1, 2]) == 1.0 and auc([1], [1]) == 0.5 and auc([1, 2], [3, 4]) == 0.0
+    outsiders = [i / 100 for i in range(100)]  # 0.00 .. 0.99
+    assert tpr_at_fpr([0.985, 0.5, 2.0], outsiders, 0.01) == pytest.approx(2 / 3, abs=1e-3)
+    assert tpr_at_fpr([0.985, 0.5, 2.0], outsiders, 0.10) == pytest.approx(2 / 3, abs=1e-3)
+    assert tpr_at_fpr([0.95], outsiders, 0.10) == 1.0 and tpr_at_fpr([0.95], outsiders, 0.01) == 0.0
 
 
-def test_clients_hold_domain_shifted_data_and_only_client0_has_canaries():
+def test_clients_hold_domain_shifted_data_and_only_the_first_has_canaries():
     config = tiny_fdkt()
     first, second = private_data(config, 0), private_data(config, 1)
     assert isinstance(first, ClientData) and first.domain != second.domain
-    assert len(first.canaries) == 2 and not second.canaries
-    assert any(
-        w in r["text"]
-        for r in second.train
-        for w in DOMAINS["travel"]["positive"] + DOMAINS["travel"]["negative"]
-    )
+    assert first.labels == second.labels == ["negative", "positive"]
+    assert len(first.canaries) == len(first.outsiders) == 2 and not second.canaries
+    assert {c.secret for c in first.canaries}.isdisjoint(c.secret for c in first.outsiders)
+    vocab = REVIEW_DOMAINS["travel"]["positive"] + REVIEW_DOMAINS["travel"]["negative"]
+    assert any(w in r["text"] for r in second.train for w in vocab)
 
 
-def test_no_private_record_crosses_the_boundary_and_a_dropout_does_not_stop_the_run():
+def test_no_private_value_crosses_the_boundary_and_a_dropout_does_not_stop_the_run(tmp_path):
     config = tiny_fdkt(fail_partitions=[1], rounds=2, dp={"epsilon": 6.0, "epochs": 1, "batch_size": 4})
     sent: list[dict] = []
-    results = run_inprocess(config, LocalLLM(config.server), sent)
+    results = run_inprocess(config, LocalLLM(config.server), tmp_path, sent)
     assert [d["client"] for d in results["dropped"]] == [1] and results["dropped"][0]["round"] == 0
-    assert set(results["clients"]) == {"0", "1"} and len(sent) == 3  # client 1 rejoined in round 2
-    assert all(0 <= c["fdkt_accuracy"] <= 1 for c in results["clients"].values())
-    assert all(set(p) == {"domain", "texts", "labels", "epsilon", "delta"} for p in sent)
-    secrets = []
+    assert set(results["clients"]) == {"restaurant", "travel"}  # travel rejoined in round 2
+    payloads = [m["payload"] for m in sent if "payload" in m]
+    assert len(payloads) == 3
+    assert all(
+        set(p) == {"client", "domain", "label_set", "texts", "labels", "epsilon", "delta"} for p in payloads
+    )
+    assert all(m.get("audit", {}) == {} for m in sent) and all(  # defaults: nothing private travels
+        m["train_reply"] == {} for m in sent if "train_reply" in m
+    )
+    private: list[str] = []
     for partition in (0, 1):
         data = private_data(config, partition)
-        secrets += [r["text"] for r in data.train + data.test] + [c.secret for c in data.canaries]
-    crossed = "\n".join(t for p in sent for t in [p["domain"], *p["texts"], *p["labels"]])
-    assert not [s for s in secrets if s in crossed]
-    assert 0 < results["clients"]["0"]["epsilon"] <= 6.0 * 1.02
+        private += [r["text"] for r in data.train + data.test] + [c.secret for c in data.canaries]
+        mine = tmp_path / "clients" / config.clients[partition].name
+        metrics = json.loads((mine / "metrics.json").read_text())  # the client's own report, kept locally
+        private.append(repr(metrics["accuracy"]))
+        assert 0 <= metrics["accuracy"] <= 1 and metrics["test_records"] == 8
+    crossed = json.dumps(sent)
+    assert not [s for s in private if s in crossed]
+    assert (tmp_path / "clients" / "restaurant" / "audit_round1.json").is_file()
+    assert 0 < results["clients"]["restaurant"]["epsilon"] <= 6.0 * 1.02
+
+
+def test_report_private_metrics_sends_them_and_says_so(tmp_path):
+    config = tiny_fdkt(report_private_metrics=True, clients=tiny_fdkt().clients[:1])
+    sent: list[dict] = []
+    results = run_inprocess(config, LocalLLM(config.server), tmp_path, sent)
+    assert "membership_auc" in results["clients"]["restaurant"]["audit"]
+    assert 0 <= results["clients"]["restaurant"]["accuracy"] <= 1
+    assert any(m.get("train_reply") for m in sent)
 
 
 @pytest.mark.slow
@@ -159,11 +192,15 @@ def test_server_llm_through_lmkit_serve_on_a_real_vllm_server(tmp_path):
         }
     )
     with ServerProcess(config, log_path=tmp_path / "server.log"):
-        llm = EndpointLLM(ServerLLMConfig(endpoint=config.base_url, temperature=0.0))
-        replies = llm.complete(["Say something.", "Another prompt."], 6)
+        llm = EndpointLLM(ServerLLMConfig(endpoint=config.base_url, temperature=1.0, top_p=0.9))
+        replies = llm.complete(["Say something.", "Another prompt."], 6, seed=3)
         assert len(replies) == 2 and all(isinstance(r, str) for r in replies) and any(replies)
+        assert llm.complete(["Say something.", "Another prompt."], 6, seed=3) == replies  # seeded
+        greedy = llm.complete(["Say something."], 6, greedy=True)
+        assert llm.complete(["Say something."], 6, greedy=True, seed=9) == greedy
         demos = [{"text": f"the bread was stale number {i}", "label": "negative"} for i in range(4)]
-        report = augment(demos, "restaurant", llm, 3, 2, 2, seed=0, max_tokens=12)
+        fdkt = tiny_fdkt(server_step={"cluster": False})
+        report = augment(demos, "restaurant reviews", ["positive", "negative"], llm, fdkt, seed=0)
     assert report.malformed + report.filtered_out + report.kept_demos >= len(demos)
 
 
@@ -173,11 +210,17 @@ def test_fdkt_recipe_in_process_reports_local_vs_fdkt_per_client_and_epsilon(tmp
     overrides = [f"output_dir={tmp_path}", "runner=inprocess", "epsilons=[1, .inf]", *TINY_RECIPE_OVERRIDES]
     recipe = load_recipe("recipes/fdkt.yaml", overrides)
     results = run_recipe(recipe)
-    assert set(results["fdkt"]) == {"1", "inf"} and set(results["local_only"]) == {"0", "1"}
-    assert results["fdkt"]["inf"]["clients"]["0"]["epsilon"] == -1.0  # no DP
-    assert 0 < results["fdkt"]["1"]["clients"]["0"]["epsilon"] <= 1.02
+    assert set(results["fdkt"]) == {"1", "inf"} and set(results["local_only"]["clients"]) == {
+        "travel",
+        "restaurant",
+    }
+    assert results["fdkt"]["inf"]["clients"]["travel"]["epsilon"] == -1.0  # no DP
+    assert 0 < results["fdkt"]["1"]["clients"]["travel"]["epsilon"] <= 1.02
+    assert results["secure_mode"] is True
+    assert 0 <= results["fdkt"]["1"]["reports"]["restaurant"]["accuracy"] <= 1  # read from the client's dir
     summary = (tmp_path / "summary.md").read_text()
     assert "FDKT eps=1" in summary and "FDKT eps=inf" in summary and "membership AUC" in summary
+    assert "only DP synthetic data and epsilon left each client" in summary and "WARNING" not in summary
     stage = tmp_path / "stages" / "fdkt_eps_1.json"
     saved = json.loads(stage.read_text())
     saved["result"]["marker"] = "kept"  # a finished stage is reused on --resume, not recomputed

@@ -8,9 +8,9 @@ import torch
 from lmkit.errors import ConfigError
 from lmkit.loader import load_model
 from lmkit.pruning.config import PruneConfig, keep_count
-from lmkit.pruning.llava import PrunedLlava, shrink_placeholders
+from lmkit.pruning.llava import PrunedLlava, kept_positions, shrink_placeholders
 from lmkit.pruning.measure import synthetic_images
-from lmkit.pruning.select import select, two_stage
+from lmkit.pruning.select import example_seeds, padded_positions, select, two_stage
 from lmkit.pruning.text import TextPruneConfig, prune_prompt
 
 AVAILABLE = 16  # tiny-llava: 32px images, patch 8
@@ -32,12 +32,12 @@ def inputs(llava):
     return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
 
 
-@pytest.mark.parametrize("method", ["freepruner", "random", "uniform"])
+@pytest.mark.parametrize("method", ["freepruner_style", "random", "uniform"])
 @pytest.mark.parametrize("k", [1, 5, 16])
 def test_kept_indices_are_unique_sorted_and_within_budget(method, k):
     torch.manual_seed(0)
     contribution, patterns = torch.rand(3, AVAILABLE), torch.rand(3, AVAILABLE, 8)
-    indices = select(method, k, AVAILABLE, 3, contribution, patterns, 0.5, torch.Generator().manual_seed(1))
+    indices = select(method, k, AVAILABLE, 3, contribution, patterns, 0.5, [11, 12, 13])
     assert indices.shape == (3, k)
     for row in indices.tolist():
         assert row == sorted(set(row)) and all(0 <= i < AVAILABLE for i in row)
@@ -79,8 +79,10 @@ def test_bad_budget_reaches_the_user_through_the_model_path(llava, inputs):
 
 
 def test_pruning_off_is_identical_to_the_plain_model(llava, inputs):
+    positions = padded_positions(inputs["attention_mask"])  # what generate uses with left padding
     with torch.inference_mode():
-        plain = llava.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        plain = llava.model(**inputs, position_ids=positions, use_cache=False, logits_to_keep=1)
+        plain = plain.logits[:, -1].float()
         plain_ids = llava.model.generate(**inputs, max_new_tokens=6, do_sample=False)[
             :, inputs["input_ids"].shape[1] :
         ]
@@ -89,14 +91,52 @@ def test_pruning_off_is_identical_to_the_plain_model(llava, inputs):
     assert torch.equal(off.generate(**inputs, max_new_tokens=6), plain_ids)
 
 
-@pytest.mark.parametrize("method", ["freepruner", "uniform", "fastv"])
-def test_keeping_every_token_reproduces_the_unpruned_model(llava, inputs, method):
+@pytest.mark.parametrize("positions", ["renumber", "keep"])
+@pytest.mark.parametrize("method", ["freepruner_style", "random", "uniform", "fastv"])
+def test_keeping_every_token_reproduces_the_unpruned_model(llava, inputs, method, positions):
     reference = PrunedLlava(llava.model, PruneConfig(method="none")).next_token_logits(**inputs)
-    everything = PrunedLlava(llava.model, PruneConfig(method=method, keep=AVAILABLE, fastv_layer=1))
+    config = PruneConfig(method=method, keep=AVAILABLE, fastv_layer=1, positions=positions)
+    everything = PrunedLlava(llava.model, config)
     torch.testing.assert_close(everything.next_token_logits(**inputs), reference, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["freepruner", "random", "uniform", "fastv"])
+def test_kept_positions_put_each_kept_token_where_it_was():
+    ids = torch.tensor([[0, 5, 9, 9, 9, 9, 6, 7], [5, 9, 9, 9, 9, 6, 7, 8]])  # 9: one 4-patch image a row
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
+    kept = torch.tensor([[1, 3], [0, 2]])  # patches kept of image 0 (row 0) and image 1 (row 1)
+    positions = kept_positions(ids, mask, image_token_id=9, available=4, indices=kept)
+    assert positions.tolist() == [[0, 0, 2, 4, 5, 6], [0, 1, 3, 5, 6, 7]]
+    new_ids, new_mask = shrink_placeholders(ids, mask, 9, 4, 2, 0)
+    assert new_ids.shape == positions.shape and padded_positions(new_mask).tolist() == [
+        [0, 0, 1, 2, 3, 4],
+        [0, 1, 2, 3, 4, 5],
+    ]
+
+
+def test_keep_and_renumber_differ_once_tokens_are_dropped(llava, inputs):
+    renumber = PrunedLlava(llava.model, PruneConfig(method="uniform", keep=4))
+    keep = PrunedLlava(llava.model, PruneConfig(method="uniform", keep=4, positions="keep"))
+    last = {name: p.prepare(**inputs)["position_ids"][:, -1] for name, p in [("r", renumber), ("k", keep)]}
+    unpruned = padded_positions(inputs["attention_mask"])[:, -1]
+    assert last["k"].tolist() == unpruned.tolist()  # the question's last token stays where it was
+    assert (last["r"] == unpruned - (AVAILABLE - 4)).all()
+    assert not torch.allclose(keep.next_token_logits(**inputs), renumber.next_token_logits(**inputs))
+    assert keep.generate(**inputs, max_new_tokens=3).shape == (2, 3)
+
+
+def test_random_selection_is_one_subset_per_example_whatever_the_batch(llava, inputs):
+    pruned = PrunedLlava(llava.model, PruneConfig(method="random", keep=5, seed=7))
+    _, first = pruned.encode_images(inputs["pixel_values"])
+    _, again = pruned.encode_images(inputs["pixel_values"])
+    _, reversed_batch = pruned.encode_images(inputs["pixel_values"].flip(0))
+    assert torch.equal(first, again) and torch.equal(first, reversed_batch.flip(0))
+    assert not torch.equal(first[0], first[1])  # two images, two subsets
+    other_seed = PrunedLlava(llava.model, PruneConfig(method="random", keep=5, seed=8))
+    assert not torch.equal(other_seed.encode_images(inputs["pixel_values"])[1], first)
+    assert example_seeds(0, torch.tensor([[1, 2, 3]])) == example_seeds(0, torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize("method", ["freepruner_style", "random", "uniform", "fastv"])
 def test_pruning_changes_the_output_and_shrinks_the_prompt(llava, inputs, method):
     reference = PrunedLlava(llava.model, PruneConfig(method="none")).next_token_logits(**inputs)
     pruned = PrunedLlava(llava.model, PruneConfig(method=method, keep=4, fastv_layer=1))
@@ -111,7 +151,7 @@ def test_pruning_changes_the_output_and_shrinks_the_prompt(llava, inputs, method
 
 
 def test_batched_pruning_equals_one_image_at_a_time(llava, inputs):
-    pruned = PrunedLlava(llava.model, PruneConfig(method="freepruner", keep=6))
+    pruned = PrunedLlava(llava.model, PruneConfig(method="freepruner_style", keep=6))
     batched = pruned.next_token_logits(**inputs)
     single = llava.processor(
         images=synthetic_images(2, 32, seed=3)[1:],
@@ -149,7 +189,7 @@ def test_text_pruning_keeps_template_and_question_and_cuts_the_context():
     loaded = load_model("tiny-llama")
     prompt = "alpha beta gamma delta epsilon zeta eta theta iota kappa\n\nWhich letter comes first?"
     full = prune_prompt(loaded.model, loaded.tokenizer, prompt, TextPruneConfig(method="none"))
-    for method in ["freepruner", "random", "uniform"]:
+    for method in ["freepruner_style", "random", "uniform"]:
         cut = prune_prompt(
             loaded.model, loaded.tokenizer, prompt, TextPruneConfig(method=method, keep=0.5, score_layers=2)
         )
@@ -157,6 +197,9 @@ def test_text_pruning_keeps_template_and_question_and_cuts_the_context():
         assert cut.kept_context == sorted(set(cut.kept_context))
         assert len(cut.input_ids) == len(full.input_ids) - (full.context_tokens - len(cut.kept_context))
         assert "Which letter comes first?" in loaded.tokenizer.decode(cut.input_ids)
+    config = TextPruneConfig(method="random", keep=0.5, seed=3)
+    once = prune_prompt(loaded.model, loaded.tokenizer, prompt, config).kept_context
+    assert prune_prompt(loaded.model, loaded.tokenizer, prompt, config).kept_context == once  # per prompt
     with pytest.raises(ConfigError, match="separator"):
         prune_prompt(loaded.model, loaded.tokenizer, "no question here", TextPruneConfig())
 
@@ -170,7 +213,7 @@ def test_prune_recipe_reports_agreement_and_flops_per_cell(tmp_path):
             f"output_dir={tmp_path}",
             "model.source=tiny-llava",
             "keeps=[8, 4]",
-            "methods=[freepruner, fastv]",
+            "methods=[freepruner_style, fastv]",
             "data.generate.eval_size=4",
             "image_size=32",
             "timing_repeats=1",
@@ -178,13 +221,13 @@ def test_prune_recipe_reports_agreement_and_flops_per_cell(tmp_path):
         ],
     )
     results = run_recipe(recipe)
-    assert set(results["cells"]) == {"freepruner@8", "freepruner@4", "fastv@8", "fastv@4"}
+    assert set(results["cells"]) == {"freepruner_style@8", "freepruner_style@4", "fastv@8", "fastv@4"}
     for name, cell in results["cells"].items():
         assert cell["lm_flops_ratio"] > 0 and 0 <= cell["top1_match"] <= 1 and cell["kl"] >= 0
         assert (cell["answer_match"] is None) == name.startswith("fastv")
     assert (
-        results["cells"]["freepruner@4"]["lm_flops_ratio"]
-        < results["cells"]["freepruner@8"]["lm_flops_ratio"]
+        results["cells"]["freepruner_style@4"]["lm_flops_ratio"]
+        < results["cells"]["freepruner_style@8"]["lm_flops_ratio"]
     )
     assert (tmp_path / "summary.md").is_file() and (tmp_path / "results.json").is_file()
 
@@ -198,12 +241,12 @@ def test_prune_text_recipe_on_smollm2_keeps_retrieval_working(tmp_path):
         [
             f"output_dir={tmp_path}",
             "keeps=[0.5]",
-            "methods=[freepruner]",
+            "methods=[freepruner_style]",
             "data.generate.eval_size=8",
             "timing_prompts=1",
             "timing_repeats=1",
         ],
     )
     cells = run_recipe(recipe)["cells"]
-    assert cells["freepruner@0.5"]["prompt_tokens"] < 0.7 * cells["unpruned"]["prompt_tokens"]
+    assert cells["freepruner_style@0.5"]["prompt_tokens"] < 0.7 * cells["unpruned"]["prompt_tokens"]
     assert cells["unpruned"]["accuracy"] > 0 and cells["unpruned"]["answer_match"] == 1.0

@@ -21,7 +21,7 @@ from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 KEEP, AVAILABLE = 4, 16
-PRUNE = {"method": "freepruner", "keep": KEEP}
+PRUNE = {"method": "freepruner_style", "keep": KEEP}
 
 
 def data_url(image) -> str:
@@ -100,3 +100,7 @@ def test_serving_refuses_methods_vllm_cannot_run_and_text_only_models(tmp_path):
 
     with pytest.raises(ConfigError, match="LLaVA"):
         pruned_model_dir(materialize("tiny-llama"), PruneConfig())
+    with pytest.raises(ValueError, match="positions: keep cannot be served"):
+        ServeConfig.model_validate({"model": "tiny-llava", "prune": {"positions": "keep"}})
+    with pytest.raises(ConfigError, match="positions: renumber"):
+        pruned_model_dir(materialize("tiny-llava"), PruneConfig(positions="keep"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import flwr  # noqa: F401  (fails loudly outside the federated virtualenv)
 import pytest
 
@@ -12,32 +14,33 @@ from tests.fdkt_helpers import TINY_RECIPE_OVERRIDES, tiny_fdkt
 
 
 @pytest.fixture(scope="module")
-def two_rounds_with_a_dropout():
+def two_rounds_with_a_dropout(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flower")
     config = tiny_fdkt(rounds=2, fail_partitions=[1], dp={"epsilon": 6.0, "epochs": 1, "batch_size": 4})
-    return config, run_flower(config)
+    return config, run_flower(config, out), out
 
 
 def test_a_client_dropping_out_mid_round_does_not_stop_the_run(two_rounds_with_a_dropout):
-    _, results = two_rounds_with_a_dropout
+    _, results, out = two_rounds_with_a_dropout
     assert results["runner"] == "flower" and results["nodes"] == 2
     assert [d["round"] for d in results["dropped"]] == [0]
     assert "simulated dropout" in results["dropped"][0]["error"]
-    assert set(results["clients"]) == {"0", "1"}  # client 1 came back in round 2
-    assert all(0 <= c["fdkt_accuracy"] <= 1 for c in results["clients"].values())
+    assert set(results["clients"]) == {"restaurant", "travel"}  # travel came back in round 2
+    for name in ("restaurant", "travel"):  # each client's accuracy stays in its own dir
+        assert 0 <= json.loads((out / "clients" / name / "metrics.json").read_text())["accuracy"] <= 1
+        assert (out / "clients" / name / "task_model" / "lm" / "config.json").is_file()
 
 
-def test_epsilon_is_cumulative_across_rounds_through_flower_state(two_rounds_with_a_dropout):
-    config, results = two_rounds_with_a_dropout
+def test_only_dp_output_reaches_the_server_and_epsilon_accumulates(two_rounds_with_a_dropout):
+    config, results, out = two_rounds_with_a_dropout
+    assert all(set(c) == {"domain", "epsilon", "server"} for c in results["clients"].values())
     records = len(private_data(config, 0).train)
     one_round = ClientPrivacy([plan_noise(config.dp, records, config.rounds)]).epsilon(config.dp.delta)
-    spent = results["clients"]["0"]["epsilon"]
+    spent = results["clients"]["restaurant"]["epsilon"]
     assert one_round < spent <= config.dp.epsilon * 1.02  # two rounds, kept in context.state
-    assert set(results["clients"]["0"]["audit"]) == {
-        "secret_exposed",
-        "secret_5gram_exposed",
-        "membership_auc",
-    }
-    assert results["clients"]["0"]["server"]["demos"] > 0
+    audit = json.loads((out / "clients" / "restaurant" / "audit_round1.json").read_text())
+    assert {"secret_exposed", "membership_auc", "tpr_at_1pct_fpr", "tpr_at_10pct_fpr"} <= set(audit)
+    assert results["clients"]["restaurant"]["server"]["demos"] > 0
 
 
 def test_the_recipe_runs_on_flower(tmp_path):
@@ -49,5 +52,6 @@ def test_the_recipe_runs_on_flower(tmp_path):
         )
     )
     assert results["runner"] == "flower" and results["fdkt"]["inf"]["runner"] == "flower"
-    assert set(results["fdkt"]["inf"]["clients"]) == {"0", "1"}  # epsilon .inf survives the trip to the apps
-    assert results["fdkt"]["inf"]["clients"]["0"]["epsilon"] == -1.0
+    assert set(results["fdkt"]["inf"]["clients"]) == {"travel", "restaurant"}
+    assert results["fdkt"]["inf"]["clients"]["travel"]["epsilon"] == -1.0  # .inf survives the trip
+    assert 0 <= results["fdkt"]["inf"]["reports"]["travel"]["accuracy"] <= 1

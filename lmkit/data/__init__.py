@@ -4,6 +4,7 @@ Every example is `{"task", "input", "target"}` (plus `choices` when the labels a
 write the examples they used next to their outputs, so anyone can see what a model saw.
 """
 
+from lmkit.data import reviews  # noqa: F401  (registers the reviews_* generated tasks)
 from lmkit.data.generated import TASKS, Example, GeneratedData, generate_examples, register_task
 from lmkit.data.load import load_data, read_source
 from lmkit.data.sources import DataError

@@ -29,7 +29,21 @@ def describe(spec: SourceSpec, source: str, split: str) -> str:
 
 
 def load_rows(spec: SourceSpec, key: str, source: str | None = None, split: str | None = None) -> Any:
-    """The raw `datasets.Dataset` of a source (or of its eval `source`/`split`), nothing renamed."""
+    """The raw `datasets.Dataset` of a source (or of its eval `source`/`split`), nothing renamed;
+    rows whose label is in `drop_labels` are left out."""
+    rows = _load_dataset(spec, key, source, split)
+    if not spec.drop_labels:
+        return rows
+    column, dropped = spec.columns.target, set(spec.drop_labels)
+    if column not in rows.column_names:
+        raise DataError(
+            f"{key}.drop_labels: the file has no column {column!r} (columns.target). "
+            f"Columns: {', '.join(rows.column_names)}. Fix: set columns.target."
+        )
+    return rows.filter(lambda row: label_key(row[column]) not in dropped)
+
+
+def _load_dataset(spec: SourceSpec, key: str, source: str | None, split: str | None) -> Any:
     import datasets
 
     datasets.disable_progress_bars()

@@ -50,14 +50,19 @@ class SourceSpec(StrictModel):
     template: str | None = Field(
         None, description="jinja prompt over the row's columns, e.g. 'Review: {{ text }}'"
     )
+    drop_labels: list[str] = Field(
+        [], description="raw labels whose rows are left out before sampling, e.g. [1] drops neutral"
+    )
     limit: int | None = Field(None, gt=0, description="a seeded sample of this many rows")
 
-    @field_validator("label_names", mode="before")
+    @field_validator("label_names", "drop_labels", mode="before")
     @classmethod
     def _keys_as_text(cls, value: object) -> object:
         """YAML reads `0: negative` with an int key and `True: yes` with a bool one; rows compare as text."""
         if isinstance(value, dict):
             return {label_key(k): v for k, v in value.items()}
+        if isinstance(value, list):
+            return [label_key(v) for v in value]
         return value
 
     @field_validator("label_names")

@@ -3,10 +3,13 @@
 - Data-based: does the synthetic text that leaves the client reveal a canary's secret (the whole
   secret, or any 5-character run of it)?
 - Model-based membership test on the client's DP-trained generator: loss of planted canaries vs
-  fresh canaries built the same way but never planted; AUC 0.5 = no signal, 1.0 = full exposure.
+  fresh canaries built the same way but never planted; AUC 0.5 = no signal, 1.0 = full exposure,
+  and the true-positive rate at a low false-positive rate (the number that matters for privacy).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +45,30 @@ def auc(member_scores: list[float], outsider_scores: list[float]) -> float:
     return round(wins / (len(member_scores) * len(outsider_scores)), 4)
 
 
-def membership_auc(model: torch.nn.Module, tokenizer, members: list[str], outsiders: list[str]) -> float:
-    """Loss-based membership inference: lower loss is taken as 'was trained on'."""
-    member_losses = sequence_losses(model, tokenizer, members)
-    outsider_losses = sequence_losses(model, tokenizer, outsiders)
-    return auc([-x for x in member_losses], [-x for x in outsider_losses])
+def tpr_at_fpr(member_scores: list[float], outsider_scores: list[float], fpr: float) -> float:
+    """Share of members flagged at the threshold that flags at most `fpr` of the outsiders."""
+    ranked = sorted(outsider_scores, reverse=True)
+    allowed = math.floor(fpr * len(ranked))
+    threshold = ranked[allowed] if allowed < len(ranked) else -math.inf
+    return round(sum(m > threshold for m in member_scores) / len(member_scores), 4)
+
+
+def canary_audit(
+    model: torch.nn.Module,
+    tokenizer,
+    members: list[str],
+    outsiders: list[str],
+    canaries: list[Canary],
+    synthetic: list[str],
+) -> dict[str, float]:
+    """Exposure of the secrets in the synthetic text, and loss-based membership inference on the
+    generator (planted vs fresh canaries): AUC and true-positive rate at 1% and 10% false positives."""
+    member_scores = [-x for x in sequence_losses(model, tokenizer, members)]
+    outsider_scores = [-x for x in sequence_losses(model, tokenizer, outsiders)]
+    return exposure(canaries, synthetic) | {
+        "membership_auc": auc(member_scores, outsider_scores),
+        "tpr_at_1pct_fpr": tpr_at_fpr(member_scores, outsider_scores, 0.01),
+        "tpr_at_10pct_fpr": tpr_at_fpr(member_scores, outsider_scores, 0.10),
+        "canaries": len(members),
+        "fresh_canaries": len(outsiders),
+    }

@@ -1,35 +1,39 @@
-"""Client steps: DP synthesis of demonstrations, task-model training and evaluation.
+"""Client steps: DP synthesis of demonstrations, and the task model (train, evaluate, save, load).
 
-Only `synthesize`'s output (DP samples: post-processing of the DP generator) and metrics ever
-leave a client; the private records themselves never do.
+Only `sample`'s output (DP samples: post-processing of the DP generator) leaves a client by default;
+the private records, the task model and its accuracy stay in the client's own output dir.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 import torch
 
 from lmkit.batching import pad
+from lmkit.errors import ModelSourceError
 from lmkit.fdkt.config import SynthConfig, TaskConfig
-from lmkit.fdkt.data import LABELS
-from lmkit.loader import load_model
+from lmkit.io import write_dir_atomic
+from lmkit.loader import load_model, plain_copy
 from lmkit.modeling import ClassifierOutput, LMEncoder, classification_accuracy, truncate_layers
 from lmkit.training import Trainer
 
 
 def control_code(domain: str, label: str) -> str:
     """The conditioning prefix the generator is trained and sampled with (Yue et al.'s recipe)."""
-    return f"Domain: {domain} | Sentiment: {label} | Review:"
+    return f"Domain: {domain} | Label: {label} | Text:"
 
 
 @torch.inference_mode()
-def sample(model: torch.nn.Module, tokenizer, domain: str, config: SynthConfig, seed: int) -> list[dict]:
+def sample(
+    model: torch.nn.Module, tokenizer, domain: str, labels: list[str], config: SynthConfig, seed: int
+) -> list[dict]:
     """`per_label` samples per label from the (DP-trained) generator, conditioned on the control code."""
     torch.manual_seed(seed)
     rows = []
-    for label in LABELS:
+    for label in labels:
         prompt = tokenizer(control_code(domain, label), return_tensors="pt")
         out = model.generate(
             **prompt,
@@ -47,12 +51,12 @@ def sample(model: torch.nn.Module, tokenizer, domain: str, config: SynthConfig, 
 
 
 class TaskClassifier(torch.nn.Module):
-    """The client's small LM as a classifier: pooled hidden states + a linear head."""
+    """The client's small LM as a classifier: mean-pooled hidden states + a linear head."""
 
-    def __init__(self, encoder: LMEncoder) -> None:
+    def __init__(self, encoder: LMEncoder, num_labels: int) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = torch.nn.Linear(encoder.hidden_size, len(LABELS))
+        self.head = torch.nn.Linear(encoder.hidden_size, num_labels)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
@@ -62,36 +66,83 @@ class TaskClassifier(torch.nn.Module):
         return ClassifierOutput(loss, logits)
 
 
-def _rows(tokenizer, records: list[dict], max_length: int) -> list[dict]:
+def _collate(pad_id: int):
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        ids, mask = pad([r["input_ids"] for r in rows], pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["label"] for r in rows])}
+
+    return collate
+
+
+def _rows(tokenizer, records: list[dict], labels: list[str], max_length: int) -> list[dict]:
     return [
         {
             "input_ids": tokenizer(r["text"], truncation=True, max_length=max_length).input_ids,
-            "label": LABELS.index(r["label"]),
+            "label": labels.index(r["label"]),
         }
         for r in records
     ]
 
 
-def train_and_evaluate(config: TaskConfig, train: list[dict], test: list[dict], seed: int) -> float:
-    """Train the task SLM on `train` (local, or local + augmented) and return accuracy on `test`.
-
-    Its checkpoints are throwaway (a temporary directory): the result is the accuracy.
-    """
+def train_task_model(
+    config: TaskConfig, train: list[dict], test: list[dict], labels: list[str], seed: int, out: Path
+) -> float:
+    """Train the task model on `train`, save it to `out` (loadable with `load_task_model`), and
+    return its accuracy on `test`. Trainer checkpoints are scratch; the exported model is kept."""
     loaded = load_model(config.model)
     torch.manual_seed(seed)  # the head's initialization: local-only and FDKT start from the same model
     model = truncate_layers(loaded.model, config.num_layers) if config.num_layers else loaded.model
     model.get_input_embeddings().requires_grad_(False)
-    classifier = TaskClassifier(LMEncoder(model))
-    pad_id = loaded.tokenizer.pad_token_id
-
-    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        ids, mask = pad([r["input_ids"] for r in rows], pad_id)
-        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["label"] for r in rows])}
-
+    classifier = TaskClassifier(LMEncoder(model), len(labels))
+    collate = _collate(loaded.tokenizer.pad_token_id)
     train_config = config.train.model_copy(update={"seed": seed})
-    rows = _rows(loaded.tokenizer, train, train_config.max_length)
+    rows = _rows(loaded.tokenizer, train, labels, train_config.max_length)
     with tempfile.TemporaryDirectory() as scratch:
         Trainer(classifier, rows, collate, train_config, Path(scratch)).train()
+    save_task_model(out, model, classifier, loaded.tokenizer, labels, train_config.max_length)
     return classification_accuracy(
-        classifier, _rows(loaded.tokenizer, test, train_config.max_length), collate, 16
+        classifier, _rows(loaded.tokenizer, test, labels, train_config.max_length), collate, 16
     )
+
+
+def save_task_model(
+    out: Path, lm, classifier: TaskClassifier, tokenizer, labels: list[str], max_length: int
+) -> Path:
+    """`out/lm` is an ordinary transformers directory of the (truncated) LM `classifier` encodes with
+    (the shared loader reads it); `head.pt` and `task_model.json` (labels, max_length) add the head."""
+
+    def fill(tmp: Path) -> None:
+        plain_copy(lm, "float32").save_pretrained(tmp / "lm")
+        tokenizer.save_pretrained(tmp / "lm")
+        torch.save(classifier.head.state_dict(), tmp / "head.pt")
+        (tmp / "task_model.json").write_text(json.dumps({"labels": labels, "max_length": max_length}))
+
+    return write_dir_atomic(out, fill)
+
+
+class TaskModel:
+    """A saved client task model: `predict(texts)` gives label words."""
+
+    def __init__(self, path: Path) -> None:
+        meta_file = Path(path) / "task_model.json"
+        if not meta_file.is_file():
+            raise ModelSourceError(
+                f"{path} is not an FDKT task model (no task_model.json). Fix: point to "
+                "<output_dir>/<stage>/clients/<name>/task_model of an fdkt run."
+            )
+        meta = json.loads(meta_file.read_text())
+        self.labels, self.max_length = meta["labels"], meta["max_length"]
+        loaded = load_model({"source": str(Path(path) / "lm"), "dtype": "float32"})
+        self.tokenizer = loaded.tokenizer
+        self.classifier = TaskClassifier(LMEncoder(loaded.model), len(self.labels))
+        self.classifier.head.load_state_dict(torch.load(Path(path) / "head.pt", weights_only=True))
+        self.classifier.eval()
+
+    @torch.inference_mode()
+    def predict(self, texts: list[str]) -> list[str]:
+        rows = [{"text": t, "label": self.labels[0]} for t in texts]
+        batch = _collate(self.tokenizer.pad_token_id)(
+            _rows(self.tokenizer, rows, self.labels, self.max_length)
+        )
+        batch.pop("labels")
+        return [self.labels[i] for i in self.classifier(**batch).logits.argmax(-1).tolist()]

@@ -1,66 +1,20 @@
-"""Seeded, domain-shifted private data for FDKT clients, and privacy-audit canaries.
+"""A client's private data, read through the shared `data` section, and privacy-audit canaries.
 
-Each client holds reviews from its own domain (its subjects and its sentiment words differ), so a
-client's few local examples cover little of its domain's vocabulary: the gap FDKT fills with
-server-augmented data. Canaries follow the in-distribution-prefix + random-secret-suffix design,
-so a data-based or model-based membership test can look for the secret.
+Each client's `data` train split is its private records and its eval split its held-out test
+records; a record is `{"text", "label"}` with the label as a word (label_names). Canaries follow the
+in-distribution-prefix + random-secret-suffix design: the prefix is one of the client's own records,
+the suffix a random secret, so a data-based or model-based test can look for the secret. Fresh
+canaries, never planted, are built the same way and are the audit's outsiders.
 """
 
 from __future__ import annotations
 
 import random
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-LABELS = ["positive", "negative"]
-
-DOMAINS: dict[str, dict[str, list[str]]] = {
-    "restaurant": {
-        "subjects": [
-            "the pasta",
-            "the soup",
-            "our waiter",
-            "the dessert",
-            "the curry",
-            "the bread",
-            "the wine list",
-        ],
-        "positive": [
-            "delicious",
-            "fresh",
-            "flavorful",
-            "tender",
-            "generous",
-            "attentive",
-            "crispy",
-            "savory",
-        ],
-        "negative": ["bland", "greasy", "cold", "soggy", "overcooked", "rude", "stale", "salty"],
-    },
-    "electronics": {
-        "subjects": ["the battery", "the screen", "this laptop", "the charger", "the speaker", "the camera"],
-        "positive": ["reliable", "fast", "sharp", "sturdy", "responsive", "crisp", "durable", "bright"],
-        "negative": ["laggy", "flimsy", "dim", "buggy", "noisy", "faulty", "sluggish", "cracked"],
-    },
-    "travel": {
-        "subjects": [
-            "the hotel room",
-            "our guide",
-            "the train ride",
-            "the beach",
-            "the check-in",
-            "the tour",
-        ],
-        "positive": ["relaxing", "spotless", "scenic", "friendly", "smooth", "charming", "cozy", "punctual"],
-        "negative": ["dirty", "crowded", "delayed", "noisy", "cramped", "chaotic", "overpriced", "shabby"],
-    },
-}
-_FRAMES = [
-    "{s} was {a}.",
-    "Honestly, {s} felt {a}.",
-    "I found {s} {a} and {b}.",
-    "{S} seemed {a}, really {b}.",
-]
+from lmkit.data import DataError, load_data
+from lmkit.fdkt.config import ClientSpec
 
 
 @dataclass
@@ -70,31 +24,48 @@ class Canary:
     label: str
 
 
-def review(rng: random.Random, domain: str, label: str) -> str:
-    vocab = DOMAINS[domain]
-    subject = rng.choice(vocab["subjects"])
-    first, second = rng.sample(vocab[label], 2)
-    return rng.choice(_FRAMES).format(s=subject, S=subject.capitalize(), a=first, b=second)
+@dataclass
+class ClientData:
+    name: str
+    domain: str  # the client's public description of its data
+    labels: list[str]
+    train: list[dict]
+    test: list[dict]
+    canaries: list[Canary] = field(default_factory=list)
+    outsiders: list[Canary] = field(default_factory=list)
 
 
-def client_data(domain: str, train: int, test: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(private train, private held-out test) records `{"text", "label"}`, labels balanced by turns."""
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown FDKT domain {domain!r}; available: {sorted(DOMAINS)}")
-    rng = random.Random(f"{domain}:{seed}")
-    rows = [{"text": review(rng, domain, LABELS[i % 2]), "label": LABELS[i % 2]} for i in range(train + test)]
-    rng.shuffle(rows)
-    return rows[:train], rows[train:]
+def load_client(client: ClientSpec, index: int, seed: int) -> ClientData:
+    """The client's (private train, held-out test) records and its label set, checked."""
+    data = client.data if client.data.seed is not None else client.data.model_copy(update={"seed": seed})
+    if data.generate is not None and data.generate.seed is None:
+        data = data.model_copy(update={"generate": data.generate.model_copy(update={"seed": seed})})
+    train, test = load_data(data)
+    labels = list(train[0].get("choices") or []) or sorted({e["target"] for e in train})
+    unknown = sorted({e["target"] for e in test} - set(labels))
+    if unknown:
+        raise DataError(
+            f"fdkt.clients[{index}] ({client.name}): test labels {unknown} never occur in its training "
+            f"records ({labels}). Fix: set data.sources[].label_names so both splits share the label set."
+        )
+    if len(labels) < 2:
+        raise DataError(
+            f"fdkt.clients[{index}] ({client.name}): its records have one label ({labels}); a task "
+            "needs at least two. Fix: check columns.target."
+        )
+    records = [[{"text": e["input"], "label": e["target"]} for e in split] for split in (train, test)]
+    return ClientData(client.name, client.domain, labels, *records)
 
 
-def make_canaries(domain: str, count: int, seed: int) -> list[Canary]:
-    """In-distribution prefix plus a random 10-character secret, e.g. '... was fresh. Ref QX7K2M9PLA.'"""
-    rng = random.Random(f"canary:{domain}:{seed}")
+def make_canaries(records: list[dict], count: int, seed: int) -> list[Canary]:
+    """`count` canaries: a random record's text (first 20 words) + ' Ref <10 random characters>.'"""
+    rng = random.Random(f"canary:{seed}")
     canaries = []
-    for i in range(count):
-        label = LABELS[i % 2]
+    for _ in range(count):
+        record = rng.choice(records)
+        prefix = " ".join(record["text"].split()[:20])
         secret = "".join(rng.choices(string.ascii_uppercase + string.digits, k=10))
-        canaries.append(Canary(f"{review(rng, domain, label)} Ref {secret}.", secret, label))
+        canaries.append(Canary(f"{prefix} Ref {secret}.", secret, record["label"]))
     return canaries
 
 

@@ -4,11 +4,20 @@ The accountant is Opacus's PRV accountant (never hand-written). Its history pers
 (`ClientPrivacy.history`), so the (epsilon, delta) a client reports is cumulative over all rounds.
 The noise multiplier is solved once for the whole plan (`epochs * rounds`), and a round that would
 push epsilon past the target is refused before it touches the data.
+
+Secure mode (the default): noise and Poisson sampling come from a generator seeded with 63 bits of OS
+entropy, never from the recipe seed, and the noise is drawn with Opacus' floating-point-safe method.
+Opacus' own secure mode needs torchcsprng, which has no build for current torch; when it is
+installed it is used instead.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
+import secrets
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +31,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lmkit.batching import pad
 from lmkit.errors import LmkitError
-from lmkit.fdkt.config import DPConfig
+from lmkit.fdkt.config import INSECURE, DPConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +66,21 @@ def plan_noise(config: DPConfig, records: int, rounds: int) -> tuple[float, floa
         accountant="prv",
     )
     return float(sigma), sample_rate, steps
+
+
+def dp_random(config: DPConfig, seed: int) -> torch.Generator:
+    """The generator behind DP noise and Poisson sampling: OS entropy in secure mode, else `seed`."""
+    if not config.secure_mode:
+        log.warning(INSECURE)
+    return torch.Generator().manual_seed(secrets.randbits(63) if config.secure_mode else seed)
+
+
+def _engine(config: DPConfig) -> tuple[PrivacyEngine, bool]:
+    """(engine, whether it draws from torchcsprng itself); its insecure-RNG warning is ours to give."""
+    native = config.secure_mode and importlib.util.find_spec("torchcsprng") is not None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        return PrivacyEngine(accountant="prv", secure_mode=native), native
 
 
 def _sequence_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -94,21 +120,23 @@ def dp_finetune(
         for t in texts
     ]
     ids, mask = pad(rows, tokenizer.pad_token_id)
-    loader = DataLoader(TensorDataset(ids, mask), batch_size=config.batch_size)
+    noise = dp_random(config, seed) if sigma > 0 else None
+    loader = DataLoader(TensorDataset(ids, mask), batch_size=config.batch_size, generator=noise)
     optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=config.lr)
     trained: torch.nn.Module = peft_model
     if sigma > 0:
-        engine = PrivacyEngine(accountant="prv")
+        engine, native = _engine(config)
         engine.accountant.history = list(ledger.history)
         trained, optimizer, loader = engine.make_private(
             module=peft_model,
             optimizer=optimizer,
-            data_loader=loader,
+            data_loader=loader,  # its generator drives Poisson sampling
             noise_multiplier=sigma,
             max_grad_norm=config.max_grad_norm,
             poisson_sampling=True,
-            noise_generator=torch.Generator().manual_seed(seed),
+            noise_generator=None if native else noise,
         )
+        optimizer.secure_mode = config.secure_mode  # Opacus' floating-point-safe noise
     trained.train()
     batches = iter(())
     for _ in track(range(steps), description=f"DP fine-tune (sigma {sigma:.2f})", transient=True):

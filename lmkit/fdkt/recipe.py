@@ -1,10 +1,12 @@
 """`method: fdkt` — federated domain knowledge transfer, measured against local-only training.
 
-For each client: its task SLM trained on its own private records only (local-only), and, for each
+For each client: its task model trained on its own private records only (local-only), and, for each
 epsilon in `epsilons`, trained on those records plus the server LLM's augmentation of the client's
 DP synthetic demonstrations (FDKT). Both are evaluated on the client's held-out private records.
-The canary audit on client 0 is reported next to each epsilon. Each stage (local-only, one
-federation per epsilon) is saved under `stages/` as it finishes; `--resume` skips finished ones.
+The canary audit on the first client is reported next to each epsilon. Each stage's outputs
+(per client: synthetic and augmented data, task model, metrics) are under `local_only/` and
+`eps_<epsilon>/clients/<name>/`; its summary is saved under `stages/` as it finishes, and `--resume`
+skips finished ones.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from lmkit.errors import ConfigError
-from lmkit.fdkt.config import FDKTConfig
+from lmkit.fdkt.config import INSECURE, FDKTConfig
 from lmkit.io import write_json_atomic
 from lmkit.recipes import Method, Recipe
 from lmkit.report import write_report
 
 
 class FDKTRecipe(Recipe):
-    """Client data comes from `fdkt.domains`; every model is named under `fdkt`."""
+    """Client data comes from `fdkt.clients[].data`; every model is named under `fdkt`."""
 
     method: Literal["fdkt"]
     fdkt: FDKTConfig = Field(default_factory=FDKTConfig)
@@ -65,15 +67,19 @@ def _check_runner(recipe: FDKTRecipe) -> None:
         )
 
 
-def _federate(recipe: FDKTRecipe, config: FDKTConfig) -> dict[str, Any]:
+def _federate(recipe: FDKTRecipe, config: FDKTConfig, out: Path) -> dict[str, Any]:
+    from lmkit.fdkt.protocol import client_reports
+
     if recipe.runner == "inprocess":
         from lmkit.fdkt.protocol import run_inprocess
         from lmkit.fdkt.server import server_llm
 
-        return run_inprocess(config, server_llm(config.server))
-    from lmkit.fdkt.flower_app import run_flower
+        result = run_inprocess(config, server_llm(config.server), out)
+    else:
+        from lmkit.fdkt.flower_app import run_flower
 
-    return run_flower(config)
+        result = run_flower(config, out)
+    return result | {"reports": client_reports(config, out)}
 
 
 def _saved(path: Path, resume: bool, settings: FDKTConfig, compute) -> Any:
@@ -88,41 +94,39 @@ def _saved(path: Path, resume: bool, settings: FDKTConfig, compute) -> Any:
 
 def run(recipe: FDKTRecipe, resume: bool) -> dict[str, Any]:
     _check_runner(recipe)  # before any training, not after
-    from lmkit.fdkt.protocol import client_train  # needs opacus: imported once run_recipe checked it
+    # needs opacus: imported once run_recipe checked it
+    from lmkit.fdkt.protocol import client_reports, client_train
 
     base = recipe.fdkt.model_copy(update={"seed": recipe.seed})
-    clients = range(len(base.domains))
+    names = [c.name for c in base.clients]
+
+    def local_only() -> dict[str, Any]:
+        out = recipe.output_dir / "local_only"
+        for partition in range(len(base.clients)):
+            client_train(base, partition, [], out)
+        return {"clients": client_reports(base, out)}
+
     stages = recipe.output_dir / "stages"
-    local = _saved(
-        stages / "local_only.json", resume, base, lambda: {str(p): client_train(base, p, []) for p in clients}
-    )
+    local = _saved(stages / "local_only.json", resume, base, local_only)
     runs = {}
     for epsilon in recipe.epsilons:
         config = base.model_copy(update={"dp": base.dp.model_copy(update={"epsilon": epsilon})})
         label = _label(epsilon)
-        runs[label] = _saved(
-            stages / f"fdkt_eps_{label}.json", resume, config, lambda c=config: _federate(recipe, c)
-        )
-    rows, notes = [], []
-    for p in clients:
-        row = [p, base.domains[p], local[str(p)]]
+        out = recipe.output_dir / f"eps_{label}"
+
+        def federation(c: FDKTConfig = config, o: Path = out) -> dict[str, Any]:
+            return _federate(recipe, c, o)
+
+        runs[label] = _saved(stages / f"fdkt_eps_{label}.json", resume, config, federation)
+    rows = []
+    for client in base.clients:
+        row = [client.name, client.domain, local["clients"][client.name].get("accuracy", "-")]
         for result in runs.values():
-            client = result["clients"].get(str(p))
-            row.append(
-                "dropped" if client is None or "fdkt_accuracy" not in client else client["fdkt_accuracy"]
-            )
+            report = result["reports"].get(client.name, {})
+            row.append(report.get("accuracy", "dropped") if client.name in result["clients"] else "dropped")
         rows.append(row)
-    for label, result in runs.items():
-        canary_client = result["clients"].get("0", {})
-        spent = canary_client.get("epsilon")
-        audit = canary_client.get("audit", {})
-        notes.append(
-            f"target epsilon {label}: client 0 spent {_spent(spent)} "
-            f"(delta {base.dp.delta}); canary secrets in synthetic data {audit.get('secret_exposed')}, "
-            f"5-char runs {audit.get('secret_5gram_exposed')}; membership AUC on the DP generator "
-            f"{audit.get('membership_auc')} (0.5 = chance); dropped: {len(result['dropped'])}"
-        )
-    results = {"local_only": local, "fdkt": runs, "runner": recipe.runner}
+    notes = _notes(base, runs, names)
+    results = {"local_only": local, "fdkt": runs, "runner": recipe.runner, "secure_mode": base.dp.secure_mode}
     write_report(
         recipe.output_dir,
         "FDKT: local-only vs FDKT per client (accuracy on held-out private data)",
@@ -134,9 +138,33 @@ def run(recipe: FDKTRecipe, resume: bool) -> dict[str, Any]:
     return results
 
 
+def _notes(config: FDKTConfig, runs: dict[str, Any], names: list[str]) -> list[str]:
+    notes = []
+    if not config.dp.secure_mode:
+        notes.append(f"WARNING: {INSECURE}")
+    notes.append(
+        "private metrics (accuracy, canary audit) were sent to the server (report_private_metrics: true)"
+        if config.report_private_metrics
+        else "only DP synthetic data and epsilon left each client; accuracy and the audit were read "
+        "from each client's own output dir (clients/<name>/)"
+    )
+    for label, result in runs.items():
+        canary = result["clients"].get(names[0], {})
+        audit = result["reports"].get(names[0], {}).get("audit", {})
+        notes.append(
+            f"target epsilon {label}: {names[0]} spent {_spent(canary.get('epsilon'))} (delta "
+            f"{config.dp.delta}); canary secrets in synthetic data {audit.get('secret_exposed')}, 5-char "
+            f"runs {audit.get('secret_5gram_exposed')}; membership AUC {audit.get('membership_auc')} (0.5 "
+            f"= chance), TPR at 1%/10% FPR {audit.get('tpr_at_1pct_fpr')}/{audit.get('tpr_at_10pct_fpr')} "
+            f"({audit.get('canaries')} planted vs {audit.get('fresh_canaries')} fresh); dropped: "
+            f"{len(result['dropped'])}"
+        )
+    return notes
+
+
 METHOD = Method(
     FDKTRecipe,
     run,
     "federated domain knowledge transfer (DP synthesis + server LLM)",
-    requires={"opacus": "dp", "dp_accounting": "dp"},
+    requires={"opacus": "dp", "dp_accounting": "dp", "sklearn": "dp"},
 )

@@ -1,4 +1,5 @@
-"""Server step: the LLM filters clients' DP demonstrations, then writes new samples from them.
+"""Server step: cluster clients' DP demonstrations, filter them by the LLM's verdict, then have the
+LLM write new samples from them (few-shot), with the labels and domain description the client gave.
 
 The LLM is reached through an OpenAI-compatible endpoint (`lmkit serve`, vLLM) or, for tests and
 offline runs, in-process through the shared loader. Its replies are parsed defensively: a reply
@@ -10,19 +11,27 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lmkit.fdkt.config import ServerLLMConfig
-from lmkit.fdkt.data import LABELS
+import numpy as np
+import torch
+
+from lmkit.errors import ConfigError
+from lmkit.fdkt.cluster import Cluster, Embedder, cluster_by_label, keep_per_cluster
+from lmkit.fdkt.config import FDKTConfig, ServerLLMConfig
 from lmkit.generation import generate
 from lmkit.loader import load_model
 
 
 class LLM(Protocol):
-    def complete(self, prompts: Sequence[str], max_tokens: int) -> list[str]: ...
+    def complete(
+        self, prompts: Sequence[str], max_tokens: int, greedy: bool = False, seed: int = 0
+    ) -> list[str]:
+        """Replies sampled with the server's temperature/top_p (seeded), or greedy verdicts."""
+        ...
 
 
 class EndpointLLM:
@@ -32,12 +41,15 @@ class EndpointLLM:
         self.config = config
         self.url = config.endpoint.rstrip("/") + "/v1/chat/completions"
 
-    def _one(self, prompt: str, max_tokens: int) -> str:
+    def _one(self, prompt: str, max_tokens: int, greedy: bool, seed: int) -> str:
+        sampling = {"temperature": 0.0} if greedy else {"temperature": self.config.temperature}
+        if not greedy and self.config.temperature > 0:
+            sampling |= {"top_p": self.config.top_p, "seed": seed}
         body = {
             "model": self.config.served_model_name,
             "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens,
-            "temperature": self.config.temperature,
+            **sampling,
         }
         import httpx  # only the endpoint path needs it (serve, eval and federated extras bring it)
 
@@ -45,24 +57,53 @@ class EndpointLLM:
         response.raise_for_status()
         return response.json()["choices"][0]["message"]["content"] or ""
 
-    def complete(self, prompts: Sequence[str], max_tokens: int) -> list[str]:
+    def complete(
+        self, prompts: Sequence[str], max_tokens: int, greedy: bool = False, seed: int = 0
+    ) -> list[str]:
         with ThreadPoolExecutor(8) as pool:
-            return list(pool.map(lambda p: self._one(p, max_tokens), prompts))
+            return list(
+                pool.map(lambda i: self._one(prompts[i], max_tokens, greedy, seed + i), range(len(prompts)))
+            )
 
 
 class LocalLLM:
-    """The same model in-process (greedy), for tests and machines without a server."""
+    """The same model in-process with the same sampling settings (tests, machines without a server)."""
 
     def __init__(self, config: ServerLLMConfig) -> None:
+        if config.model is None:
+            raise ConfigError("fdkt.server: set server.endpoint or server.model (the in-process LLM).")
         loaded = load_model(config.model)
-        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, config
 
-    def complete(self, prompts: Sequence[str], max_tokens: int) -> list[str]:
-        return generate(self.model, self.tokenizer, list(prompts), max_tokens, 8, "server LLM")
+    def complete(
+        self, prompts: Sequence[str], max_tokens: int, greedy: bool = False, seed: int = 0
+    ) -> list[str]:
+        temperature = 0.0 if greedy else self.config.temperature
+        torch.manual_seed(seed)
+        return generate(
+            self.model,
+            self.tokenizer,
+            list(prompts),
+            max_tokens,
+            8,
+            "server LLM",
+            temperature=temperature,
+            top_p=self.config.top_p,
+        )
 
 
 def server_llm(config: ServerLLMConfig) -> LLM:
     return EndpointLLM(config) if config.endpoint else LocalLLM(config)
+
+
+def server_embedder(config: ServerLLMConfig) -> Embedder:
+    spec = config.embedder or config.model
+    if spec is None:
+        raise ConfigError(
+            "fdkt.server: clustering needs an embedder and server.model is unset (the LLM is remote). "
+            "Fix: set server.embedder (e.g. smollm2-135m), or fdkt.server_step.cluster: false."
+        )
+    return Embedder(spec)
 
 
 @dataclass
@@ -71,24 +112,37 @@ class AugmentReport:
     kept_demos: int = 0
     filtered_out: int = 0
     malformed: int = 0  # replies that gave nothing usable (filter verdicts or generations)
+    clusters: int = 0
 
 
-def filter_prompt(text: str) -> str:
-    return f"Review: {text}\nIs this review positive or negative? Answer with one word."
+def filter_prompt(text: str, domain: str, labels: list[str]) -> str:
+    options = ", ".join(labels)
+    return f"Text ({domain}): {text}\nWhich label fits this text: {options}? Answer with the label only."
 
 
-def parse_verdict(reply: str) -> str | None:
-    words = re.findall(r"[a-z]+", reply.lower())
-    found = [w for w in words[:8] if w in LABELS]
-    return found[0] if found else None
+def parse_verdict(reply: str, labels: list[str]) -> str | None:
+    """The label named first in the reply's first 12 words (the longer name wins a tie), else None."""
+    head = " ".join(reply.split()[:12]).lower()
+    hits = [
+        (found.start(), -len(label), label)
+        for label in labels
+        if (found := re.search(rf"(?<![a-z0-9]){re.escape(label.lower())}(?![a-z0-9])", head))
+    ]
+    return min(hits)[2] if hits else None
 
 
 def augment_prompt(domain: str, label: str, demos: list[str]) -> str:
     shown = "\n".join(f"- {d}" for d in demos)
     return (
-        f"Here are {label} reviews about {domain}:\n{shown}\n"
-        f"Write one new {label} review about {domain}, different from these. Answer with the review only."
+        f'Here are examples of {domain} with the label "{label}":\n{shown}\n'
+        f'Write one new example of {domain} with the label "{label}", different from these. '
+        "Answer with the text only."
     )
+
+
+def describe_prompt(domain: str, label: str) -> str:
+    """The no-demonstrations ablation: the client's public description is all the LLM sees."""
+    return f'Write one example of {domain} with the label "{label}". Answer with the text only.'
 
 
 def parse_samples(reply: str) -> list[str]:
@@ -134,41 +188,77 @@ def _usable(text: str, seen: set[str]) -> bool:
 def augment(
     demos: list[dict],
     domain: str,
+    labels: list[str],
     llm: LLM,
-    per_label: int,
-    shots: int,
-    prompts_per_label: int,
+    config: FDKTConfig,
     seed: int,
-    max_tokens: int = 64,
+    embed: Callable[[list[str]], np.ndarray] | None = None,
 ) -> AugmentReport:
-    """Filter the demonstrations by the LLM's label verdict, then few-shot generate new samples."""
-    report = AugmentReport()
-    verdicts = llm.complete([filter_prompt(d["text"]) for d in demos], 8)
-    kept: dict[str, list[str]] = {label: [] for label in LABELS}
-    for demo, reply in zip(demos, verdicts, strict=True):
-        verdict = parse_verdict(reply)
-        if verdict is None:
-            report.malformed += 1
-        elif verdict != demo["label"]:
-            report.filtered_out += 1
-        else:
-            kept[demo["label"]].append(demo["text"])
-    report.kept_demos = sum(len(v) for v in kept.values())
+    """The server step for one client's demonstrations (`config.server_step.mode`): cluster per
+    label, filter by the LLM's label verdict, then few-shot generate new samples, one cluster's
+    demonstrations per prompt. `embed` is needed when clustering."""
+    step, report = config.server_step, AugmentReport()
+    seen: set[str] = set()
+    if step.mode == "pass_through":
+        report.samples = [d for d in demos if _usable(d["text"], seen)]
+        return report
     rng = random.Random(seed)
-    jobs = [
-        (label, rng.sample(texts, min(shots, len(texts))))
-        for label, texts in kept.items()
-        for _ in range(prompts_per_label if texts else 0)
-    ]
-    replies = llm.complete([augment_prompt(domain, label, shown) for label, shown in jobs], max_tokens)
-    seen = {" ".join(t.lower().split()) for texts in kept.values() for t in texts}  # no copies of the demos
-    counts = dict.fromkeys(LABELS, 0)
+    if step.mode == "describe_only":
+        jobs = [
+            (label, describe_prompt(domain, label))
+            for label in labels
+            for _ in range(config.prompts_per_label)
+        ]
+    else:
+        groups = _filtered_clusters(demos, domain, labels, llm, config, seed, embed, report)
+        seen = {" ".join(d["text"].lower().split()) for d in demos}  # no copies of the demos
+        jobs = []
+        for label in labels:
+            mine = [g for g in groups if g.label == label]
+            for j in range(config.prompts_per_label if mine else 0):
+                texts = [demos[m]["text"] for m in mine[j % len(mine)].members]
+                jobs.append(
+                    (label, augment_prompt(domain, label, rng.sample(texts, min(config.shots, len(texts)))))
+                )
+    replies = llm.complete([prompt for _, prompt in jobs], config.server.max_tokens, seed=seed)
+    counts = dict.fromkeys(labels, 0)
     for (label, _), reply in zip(jobs, replies, strict=True):
         parsed = parse_samples(reply)
         if not parsed:
             report.malformed += 1
         for text in parsed:
-            if counts[label] < per_label and _usable(text, seen):
+            if counts[label] < config.augment_per_label and _usable(text, seen):
                 report.samples.append({"text": text, "label": label})
                 counts[label] += 1
     return report
+
+
+def _filtered_clusters(
+    demos: list[dict],
+    domain: str,
+    labels: list[str],
+    llm: LLM,
+    config: FDKTConfig,
+    seed: int,
+    embed: Callable[[list[str]], np.ndarray] | None,
+    report: AugmentReport,
+) -> list[Cluster]:
+    demos = [d for d in demos if d["label"] in labels]
+    verdicts = llm.complete([filter_prompt(d["text"], domain, labels) for d in demos], 8, greedy=True)
+    passed = []
+    for demo, reply in zip(demos, verdicts, strict=True):
+        verdict = parse_verdict(reply, labels)
+        report.malformed += verdict is None
+        report.filtered_out += verdict is not None and verdict != demo["label"]
+        passed.append(verdict == demo["label"])
+    vectors = None
+    if config.server_step.cluster and demos:
+        if embed is None:
+            raise ConfigError("server_step.cluster is on but no embedder was given to augment().")
+        vectors = embed([d["text"] for d in demos])
+    groups = keep_per_cluster(
+        cluster_by_label([d["label"] for d in demos], vectors, config.server_step.per_cluster, seed), passed
+    )
+    report.clusters = len(groups)
+    report.kept_demos = sum(len(g.members) for g in groups)
+    return groups

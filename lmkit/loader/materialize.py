@@ -29,8 +29,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("LMKIT_CACHE", "~/.cache/lmkit")).expanduser()
 
 
-def _plain_copy(model: PreTrainedModel, dtype: str) -> PreTrainedModel:
-    """Rebuild a GGUF-loaded model as an ordinary one (no quantization_config), same weights."""
+def plain_copy(model: PreTrainedModel, dtype: str) -> PreTrainedModel:
+    """Rebuild a GGUF-loaded model as an ordinary one (no quantization_config, so `save_pretrained`
+    accepts it), same weights."""
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -61,7 +62,7 @@ def materialize(spec: ModelSpec | str, *, force: bool = False) -> Path:
                 update={"quantization": "none", "adapters": [], "active_adapter": None, "device_map": "cpu"}
             )
             model, tokenizer, processor = load_pretrained(src, plain)
-            _plain_copy(model, spec.dtype).save_pretrained(tmp)
+            plain_copy(model, spec.dtype).save_pretrained(tmp)
             (processor or tokenizer).save_pretrained(tmp)
         write_json_atomic(
             tmp / MARKER,

@@ -10,19 +10,21 @@ from lmkit.config import StrictModel
 from lmkit.errors import ConfigError
 
 Budget = int | float  # a token count, or a ratio in (0, 1]
-PruneMethod = Literal["freepruner", "random", "uniform", "fastv", "none"]
+PruneMethod = Literal["freepruner_style", "random", "uniform", "fastv", "none"]
 
 
 class PruneConfig(StrictModel):
     """Visual-token pruning settings.
 
     `keep` is a token count (int >= 1) or a ratio of the image's tokens (float in (0, 1]).
-    freePruner-style selection keeps `pivotal_fraction` of the budget as pivotal tokens (highest
-    contribution degree at `contribution_layer`) and fills the rest with complementary tokens whose
-    attention patterns at `pattern_layer` are least covered by what is already kept.
+    Method `freepruner_style` is lmkit's freePruner-style selection: its scoring formulas are lmkit's
+    reading of the paper's abstract (contribution degree, attention patterns), not a port. It keeps
+    `pivotal_fraction` of the budget as pivotal tokens (highest contribution degree at
+    `contribution_layer`) and fills the rest with complementary tokens whose attention patterns at
+    `pattern_layer` are least covered by what is already kept.
     """
 
-    method: PruneMethod = "freepruner"
+    method: PruneMethod = "freepruner_style"
     keep: int | float = Field(0.25, description="tokens kept per image: a count, or a ratio in (0, 1]")
     pivotal_fraction: float = Field(0.5, ge=0, le=1)
     contribution_layer: int | None = Field(
@@ -32,6 +34,11 @@ class PruneConfig(StrictModel):
         None, description="shallower vision layer whose attention rows are the patterns; default: halfway"
     )
     fastv_layer: int = Field(2, ge=1, description="method fastv: LM layer K after which image tokens drop")
+    positions: Literal["renumber", "keep"] = Field(
+        "renumber",
+        description="position ids after pruning: renumber (consecutive, as vLLM does) or keep (each "
+        "kept token at its unpruned position; transformers path only)",
+    )
     seed: int | None = Field(
         None, description="method random: selection seed (unset: the recipe's seed, or 0)"
     )

@@ -12,7 +12,7 @@ import torch
 
 from lmkit.errors import ConfigError
 from lmkit.modeling import eager_attention
-from lmkit.pruning.select import gather_tokens
+from lmkit.pruning.select import gather_tokens, padded_positions
 
 
 def fastv_next_token_logits(
@@ -77,6 +77,7 @@ def fastv_next_token_logits(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 pixel_values=pixel_values,
+                position_ids=padded_positions(attention_mask),
                 use_cache=False,
                 logits_to_keep=1,
             )

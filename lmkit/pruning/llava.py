@@ -15,7 +15,7 @@ from lmkit.batching import pad
 from lmkit.errors import ConfigError
 from lmkit.pruning.config import PruneConfig, keep_count
 from lmkit.pruning.fastv import fastv_next_token_logits
-from lmkit.pruning.select import gather_tokens
+from lmkit.pruning.select import example_seeds, gather_tokens, padded_positions
 from lmkit.pruning.vision import feature_layout, record_outputs, scoring_layers, select_visual
 
 
@@ -40,6 +40,33 @@ def shrink_placeholders(
     rows = [row[mask].cpu() for row, mask in zip(input_ids, keep, strict=True)]
     ids, mask = pad(rows, pad_id, left=True)
     return ids.to(input_ids.device), mask.to(input_ids.device)
+
+
+def kept_positions(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_token_id: int,
+    available: int,
+    indices: torch.Tensor | None,
+) -> torch.Tensor:
+    """Position ids of the pruned rows (as `shrink_placeholders` lays them out) when every kept token
+    keeps its unpruned position: each kept image token at its patch's place, the text after the image
+    where it was. `indices` [images, k] are the kept patches, images in batch order; None: all kept."""
+    original = padded_positions(attention_mask)
+    if indices is None:
+        return original
+    is_image = input_ids == image_token_id
+    seen = is_image.long().cumsum(1) - 1
+    first_image = torch.cat([torch.zeros(1, dtype=torch.long), (is_image.sum(1) // available).cumsum(0)[:-1]])
+    image = (first_image[:, None] + seen // available).clamp_min(0)
+    selected = torch.zeros(indices.shape[0], available, dtype=torch.bool)
+    selected.scatter_(1, indices.cpu(), True)
+    keep = (
+        ~is_image | selected[image.cpu(), (seen % available).cpu()].to(is_image.device)
+    ) & attention_mask.bool()
+    rows = [row[mask].cpu() for row, mask in zip(original, keep, strict=True)]
+    positions, _ = pad(rows, 0, left=True)
+    return positions.to(input_ids.device)
 
 
 class PrunedLlava:
@@ -70,17 +97,17 @@ class PrunedLlava:
         self.deep, self.shallow = scoring_layers(config, hf.vision_feature_layer, len(self.layers))
         self.image_token_id = hf.image_token_id
         self.pad_id = hf.text_config.pad_token_id or 0
-        self.generator = torch.Generator().manual_seed(config.seed or 0)
 
     def _recorded_modules(self) -> dict[str, torch.nn.Module]:
-        if self.config.method != "freepruner":
+        if self.config.method != "freepruner_style":
             return {}
         deep, shallow = self.layers[self.deep].self_attn, self.layers[self.shallow].self_attn
         return {"dq": deep.q_proj, "dk": deep.k_proj, "sq": shallow.q_proj, "sk": shallow.k_proj}
 
     @torch.inference_mode()
-    def encode_images(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """Projected features per image, cut to the budget and kept in their original order."""
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Projected features per image, cut to the budget and kept in their original order, and the
+        kept indices [images, k]."""
         hf = self.model.config
         with record_outputs(self._recorded_modules()) as recorded:
             features = self.base.get_image_features(
@@ -102,22 +129,39 @@ class PrunedLlava:
             self.leading,
             images,
             available,
-            self.generator,
+            example_seeds(self.config.seed or 0, pixel_values) if self.config.method == "random" else None,
         )
-        return list(gather_tokens(stacked, indices))
+        return list(gather_tokens(stacked, indices)), indices
 
     def prepare(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
     ) -> dict:
-        """Model inputs with pruned image tokens (unchanged when the method is `none`)."""
+        """Model inputs with pruned image tokens and their position ids (unpruned for method `none`)."""
         if self.config.method in ("none", "fastv"):
-            return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
-        features = self.encode_images(pixel_values)
+            positions = padded_positions(attention_mask)
+            return {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "pixel_values": pixel_values,
+                "position_ids": positions,
+            }
+        features, indices = self.encode_images(pixel_values)
         ids, mask = shrink_placeholders(
             input_ids, attention_mask, self.image_token_id, self.available, features[0].shape[0], self.pad_id
         )
+        if self.config.positions == "keep":
+            positions = kept_positions(
+                input_ids, attention_mask, self.image_token_id, self.available, indices
+            )
+        else:
+            positions = padded_positions(mask)
         encoded = BaseModelOutputWithPooling(pooler_output=features)
-        return {"input_ids": ids, "attention_mask": mask, "mm_encoder_outputs": {"image": encoded}}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "mm_encoder_outputs": {"image": encoded},
+            "position_ids": positions,
+        }
 
     @torch.inference_mode()
     def next_token_logits(
@@ -146,7 +190,7 @@ class PrunedLlava:
         if self.config.method == "fastv":
             raise ConfigError(
                 "method fastv is a prefill-time baseline here (next_token_logits); it does not "
-                "decode. Fix: use freepruner, random or uniform to generate."
+                "decode. Fix: use freepruner_style, random or uniform to generate."
             )
         inputs = self.prepare(input_ids, attention_mask, pixel_values)
         out = self.model.generate(**inputs, do_sample=False, pad_token_id=self.pad_id, **kwargs)

@@ -31,8 +31,8 @@ class PruneRecipe(Recipe):
     model: ModelSpec = Field(default_factory=lambda: ModelSpec(source="tiny-llava-576", dtype="float32"))
     data: DataSpec = Field(description="questions: the eval split (the train split is not used)")
     settings: PruneConfig = Field(default_factory=PruneConfig, description="shared by every grid cell")
-    methods: list[Literal["freepruner", "random", "uniform", "fastv"]] = Field(
-        default_factory=lambda: ["freepruner", "random", "uniform", "fastv"], min_length=1
+    methods: list[Literal["freepruner_style", "random", "uniform", "fastv"]] = Field(
+        default_factory=lambda: ["freepruner_style", "random", "uniform", "fastv"], min_length=1
     )
     keeps: list[Budget] = Field(default_factory=lambda: [192, 128, 64], min_length=1)
     batch_size: int = Field(4, gt=0)

@@ -1,10 +1,12 @@
 """Token selection: pure tensor functions shared by the transformers path, the vLLM plugin and text pruning.
 
 Every selector returns `[batch, k]` indices that are unique and sorted, so kept tokens stay in their
-original order (positions and image layout are preserved for the language model).
+original order. Their position ids are renumbered or kept (`PruneConfig.positions`).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +44,32 @@ def gather_tokens(tensor: torch.Tensor, index: torch.Tensor, dim: int = 1) -> to
     return tensor.gather(dim, index.to(tensor.device).view(shape).expand(target))
 
 
+def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens (left padding gets 0), as transformers' generate does."""
+    return (attention_mask.long().cumsum(1) - 1).clamp_min(0).masked_fill(attention_mask == 0, 0)
+
+
 def _sorted(indices: torch.Tensor) -> torch.Tensor:
     return indices.sort(dim=-1).values
 
 
-def random_indices(batch: int, available: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    return _sorted(torch.stack([torch.randperm(available, generator=generator)[:k] for _ in range(batch)]))
+def example_seeds(seed: int, examples: torch.Tensor) -> list[int]:
+    """One seed per example (row of `examples`: its pixel values or token ids) and `seed`, so method
+    `random` keeps the same subset of an example in every call that sees it (logits, answers, FLOPs,
+    each engine), whatever else is in the batch or how often it was scored before."""
+    rows = examples.detach().cpu()
+    rows = rows.to(torch.float32 if rows.is_floating_point() else torch.int64).reshape(len(rows), -1)
+    key = str(seed).encode()
+    return [
+        int.from_bytes(hashlib.blake2b(row.numpy().tobytes(), digest_size=8, key=key).digest(), "little") >> 1
+        for row in rows
+    ]
+
+
+def random_indices(available: int, k: int, seeds: list[int]) -> torch.Tensor:
+    """[len(seeds), k]: a subset drawn from each example's own seed (see `example_seeds`)."""
+    draws = [torch.randperm(available, generator=torch.Generator().manual_seed(s))[:k] for s in seeds]
+    return _sorted(torch.stack(draws))
 
 
 def uniform_indices(batch: int, available: int, k: int) -> torch.Tensor:
@@ -90,20 +112,23 @@ def select(
     contribution: torch.Tensor | None = None,
     patterns: torch.Tensor | None = None,
     pivotal_fraction: float = 0.5,
-    generator: torch.Generator | None = None,
+    seeds: list[int] | None = None,
 ) -> torch.Tensor:
-    """Indices of the `k` tokens to keep out of `available`, per batch row."""
+    """Indices of the `k` tokens to keep out of `available`, per batch row; method `random` draws
+    each row from its seed in `seeds` (`example_seeds`)."""
     if not 1 <= k <= available:
         raise ConfigError(f"cannot keep {k} of {available} tokens. Fix: keep between 1 and {available}.")
     if method == "random":
-        return random_indices(batch, available, k, generator or torch.Generator().manual_seed(0))
+        if seeds is None or len(seeds) != batch:
+            raise ValueError("random selection needs one seed per example (example_seeds)")
+        return random_indices(available, k, seeds)
     if method == "uniform":
         return uniform_indices(batch, available, k)
-    if method == "freepruner":
+    if method == "freepruner_style":
         if contribution is None or patterns is None:
-            raise ValueError("freepruner selection needs contribution scores and patterns")
+            raise ValueError("freepruner_style selection needs contribution scores and patterns")
         return two_stage(contribution, patterns, k, pivotal_fraction)
     raise ConfigError(
         f"pruning method {method!r} does not select tokens before the language model. "
-        "Fix: use freepruner, random or uniform here (fastv prunes inside the LM)."
+        "Fix: use freepruner_style, random or uniform here (fastv prunes inside the LM)."
     )

@@ -22,6 +22,11 @@ def _servable(config: PruneConfig | None) -> PruneConfig | None:
             f"prune.method {config.method!r} cannot be served: fastv prunes inside the LM, which "
             f"vLLM's paged KV cache rules out. Fix: use one of {', '.join(VLLM_METHODS)}"
         )
+    if config is not None and config.positions != "renumber":
+        raise ValueError(
+            "prune.positions: keep cannot be served: vLLM numbers the positions of the tokens it is "
+            "given. Fix: positions: renumber (keep is measured on the transformers path)."
+        )
     return config
 
 

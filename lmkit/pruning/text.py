@@ -23,11 +23,11 @@ from lmkit.errors import ConfigError
 from lmkit.generation import format_prompt
 from lmkit.modeling import eager_attention
 from lmkit.pruning.config import keep_count
-from lmkit.pruning.select import select
+from lmkit.pruning.select import example_seeds, select
 
 
 class TextPruneConfig(StrictModel):
-    method: Literal["freepruner", "random", "uniform", "none"] = "freepruner"
+    method: Literal["freepruner_style", "random", "uniform", "none"] = "freepruner_style"
     keep: int | float = Field(0.5, description="context tokens kept: a count, or a ratio in (0, 1]")
     pivotal_fraction: float = Field(0.5, ge=0, le=1)
     score_layers: int = Field(8, ge=1, description="layers run to score (attention of the last one)")
@@ -109,7 +109,6 @@ def prune_prompt(
     tokenizer,
     prompt: str,
     config: TextPruneConfig,
-    generator: torch.Generator | None = None,
 ) -> PrunedPrompt:
     """Chat-formatted token ids for `prompt` with its context cut to the budget."""
     ids, (start, end) = _spans(tokenizer, prompt, config.separator)
@@ -118,12 +117,11 @@ def prune_prompt(
         return PrunedPrompt(ids, available, list(range(available)))
     k = keep_count(config.keep, available)
     contribution = patterns = None
-    if config.method == "freepruner":
+    if config.method == "freepruner_style":
         contribution, patterns = score_context(model, ids, (start, end), config)
         contribution, patterns = contribution[None], patterns[None]
-    kept = select(config.method, k, available, 1, contribution, patterns, config.pivotal_fraction, generator)[
-        0
-    ]
+    seeds = example_seeds(config.seed or 0, torch.tensor([ids])) if config.method == "random" else None
+    kept = select(config.method, k, available, 1, contribution, patterns, config.pivotal_fraction, seeds)[0]
     kept_list = kept.tolist()
     pruned = ids[:start] + [ids[start + i] for i in kept_list] + ids[end:]
     return PrunedPrompt(pruned, available, kept_list)

@@ -29,8 +29,8 @@ class PruneTextRecipe(Recipe):
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(description="prompts: the eval split (the train split is not used)")
     settings: TextPruneConfig = Field(default_factory=TextPruneConfig)
-    methods: list[Literal["freepruner", "random", "uniform"]] = Field(
-        default_factory=lambda: ["freepruner", "random", "uniform"], min_length=1
+    methods: list[Literal["freepruner_style", "random", "uniform"]] = Field(
+        default_factory=lambda: ["freepruner_style", "random", "uniform"], min_length=1
     )
     keeps: list[Budget] = Field(default_factory=lambda: [0.75, 0.5, 0.25], min_length=1)
     batch_size: int = Field(8, gt=0)
@@ -55,10 +55,7 @@ def run_text(recipe: PruneTextRecipe, resume: bool) -> dict[str, Any]:
             configs[f"{method}@{keep}"] = recipe.settings.model_copy(update={"method": method, "keep": keep})
     outputs, lengths = {}, {}
     for name, config in configs.items():
-        generator = torch.Generator().manual_seed(config.seed or 0)
-        pruned = [
-            prune_prompt(model, tokenizer, p, config, generator) for p in track(prompts, description=name)
-        ]
+        pruned = [prune_prompt(model, tokenizer, p, config) for p in track(prompts, description=name)]
         lengths[name] = sum(len(p.input_ids) for p in pruned) / len(pruned)
         outputs[name] = generate_ids(
             model,

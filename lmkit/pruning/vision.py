@@ -108,7 +108,7 @@ def select_visual(
     leading: int,
     images: int,
     available: int,
-    generator: torch.Generator | None = None,
+    seeds: list[int] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """[images, k] sorted indices into each image's `available` feature tokens.
@@ -118,14 +118,12 @@ def select_visual(
     """
     k = keep_count(config.keep, available)
     contribution = patterns = None
-    if config.method == "freepruner":
+    if config.method == "freepruner_style":
         if deep_qk is None or shallow_qk is None:
-            raise ValueError("freepruner needs the recorded q/k of the contribution and pattern layers")
+            raise ValueError("freepruner_style needs the recorded q/k of the contribution and pattern layers")
         deep = attention_map(*deep_qk, num_heads)
         shallow = attention_map(*shallow_qk, num_heads)
         if reduce is not None:
             deep, shallow = reduce(deep), reduce(shallow)
         contribution, patterns = score_tokens(deep, shallow, has_cls, leading)
-    return select(
-        config.method, k, available, images, contribution, patterns, config.pivotal_fraction, generator
-    )
+    return select(config.method, k, available, images, contribution, patterns, config.pivotal_fraction, seeds)

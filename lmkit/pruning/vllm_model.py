@@ -41,7 +41,7 @@ from vllm.multimodal.processing import (
 )
 
 from lmkit.pruning.config import PruneConfig, keep_count
-from lmkit.pruning.select import gather_tokens
+from lmkit.pruning.select import example_seeds, gather_tokens
 from lmkit.pruning.vision import (
     feature_layer_to_layer,
     feature_layout,
@@ -205,7 +205,6 @@ class PrunedLlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
         attention = self.encoder_layers[deep].self_attn
         self.local_heads = attention.num_heads_per_partition
         self.split_heads = self.local_heads != config.vision_config.num_attention_heads
-        self.generator = torch.Generator().manual_seed(self.pruning.seed or 0)
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     def _mean_over_ranks(self, attention: torch.Tensor) -> torch.Tensor:
@@ -213,7 +212,7 @@ class PrunedLlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
         return tensor_model_parallel_all_reduce(attention) / get_tensor_model_parallel_world_size()
 
     def _recorded(self) -> dict[str, nn.Module]:
-        if self.pruning.method != "freepruner":
+        if self.pruning.method != "freepruner_style":
             return {}
         deep, shallow = self.layers
         return {
@@ -246,7 +245,7 @@ class PrunedLlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
             self.leading,
             images,
             available,
-            self.generator,
+            example_seeds(self.pruning.seed or 0, pixel_values) if self.pruning.method == "random" else None,
             reduce=self._mean_over_ranks if self.split_heads else None,
         )
         return tuple(gather_tokens(features, indices))

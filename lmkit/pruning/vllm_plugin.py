@@ -19,7 +19,7 @@ from lmkit.pruning.config import PruneConfig
 
 ARCHITECTURE = "LmkitPrunedLlavaForConditionalGeneration"
 PLUGIN_NAME = "lmkit_pruned_llava"
-VLLM_METHODS = ("freepruner", "random", "uniform")
+VLLM_METHODS = ("freepruner_style", "random", "uniform")
 
 
 def register() -> None:
@@ -37,6 +37,12 @@ def pruned_model_dir(model_dir: Path, config: PruneConfig) -> Path:
         raise ConfigError(
             f"serving prune.method {config.method!r} is not supported by the vLLM plugin. Fix: use one "
             f"of {', '.join(VLLM_METHODS)}; fastv prunes inside the LM, which the paged KV cache rules out."
+        )
+    if config.positions != "renumber":
+        raise ConfigError(
+            "serving prune.positions: keep is not supported by the vLLM plugin (vLLM numbers the "
+            "positions of the tokens it is given). Fix: positions: renumber, or measure keep with "
+            "the transformers path (lmkit run with a prune recipe)."
         )
     hf_config = json.loads((model_dir / "config.json").read_text())
     if hf_config.get("model_type") != "llava":
