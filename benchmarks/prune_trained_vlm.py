@@ -1,0 +1,170 @@
+"""Visual-token pruning measured on the tiny VLM trained here (recipes/train_tiny_vlm.yaml).
+
+For each method and kept-token budget, on held-out scenes and questions:
+- accuracy (first answer word = the gold word) and agreement with the unpruned model's answer;
+- recall of the asked objects' ground-truth patches among the kept tokens (questions whose answer
+  is an object: not "is there a ..." answered no, not "how many" answered zero);
+- methods: freePruner-style two-stage selection (positions renumbered, and kept), pivotal-only
+  (pivotal_fraction 1), complementary-only (pivotal_fraction 0), random (one subset per example),
+  uniform, and FastV (in the LM, prefill only: accuracy of the first answer token, no recall).
+
+    python benchmarks/prune_trained_vlm.py [--keeps 192 128 64 32] [recipe overrides, e.g. vlm.lm_layers=8]
+
+Trains the model first (lmkit run recipes/train_tiny_vlm.yaml) when --model does not exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import track
+
+from lmkit.loader import load_model
+from lmkit.pruning.config import PruneConfig
+from lmkit.pruning.llava import PrunedLlava
+from lmkit.pruning.scenes import target_patches
+from lmkit.pruning.tiny_vlm import prompt
+from lmkit.pruning.vlm_recipe import held_out
+from lmkit.recipes import load_recipe, run_recipe
+from lmkit.report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "train_tiny_vlm.yaml"
+VARIANTS: dict[str, dict[str, Any]] = {
+    "two-stage (freePruner-style)": {"method": "freepruner_style"},
+    "two-stage, positions kept": {"method": "freepruner_style", "positions": "keep"},
+    "pivotal only": {"method": "freepruner_style", "pivotal_fraction": 1.0},
+    "complementary only": {"method": "freepruner_style", "pivotal_fraction": 0.0},
+    "random": {"method": "random"},
+    "uniform": {"method": "uniform"},
+    "FastV": {"method": "fastv"},
+}
+
+
+def batches(processor, items, size: int) -> list[dict[str, torch.Tensor]]:
+    processor.tokenizer.padding_side = "left"
+    return [
+        dict(
+            processor(
+                images=[s.image for s, _ in items[i : i + size]],
+                text=[prompt(processor, q.text) for _, q in items[i : i + size]],
+                padding=True,
+                return_tensors="pt",
+            )
+        )
+        for i in range(0, len(items), size)
+    ]
+
+
+def first_words(tokenizer, ids: torch.Tensor) -> list[str]:
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return [(t.split() or [""])[0].strip(".,!?").lower() for t in texts]
+
+
+@torch.inference_mode()
+def run_cell(pruned: PrunedLlava, tokenizer, inputs: list[dict]) -> dict[str, list]:
+    """Answers (first word; FastV: first token) and kept patch indices per example."""
+    answers, kept = [], []
+    for batch in inputs:
+        if pruned.config.method == "fastv":
+            answers += first_words(tokenizer, pruned.next_token_logits(**batch).argmax(-1, keepdim=True))
+            continue
+        if pruned.config.method != "none":
+            kept += pruned.encode_images(batch["pixel_values"])[1].tolist()
+        answers += first_words(tokenizer, pruned.generate(**batch, max_new_tokens=3))
+    return {"answers": answers, "kept": kept}
+
+
+def recall(items, kept: list[list[int]]) -> float | None:
+    """Share of the asked objects' patches among the kept tokens, over questions with a target."""
+    hits = total = 0
+    for (scene, question), indices in zip(items, kept, strict=True):
+        target = target_patches(scene, question)
+        if target.any():
+            hits += int(target[np.asarray(indices)].sum())
+            total += int(target.sum())
+    return round(hits / total, 4) if total else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the training recipe")
+    parser.add_argument("--model", type=Path, default=ROOT / "runs" / "tiny_vlm" / "model")
+    parser.add_argument("--keeps", type=int, nargs="+", default=[192, 128, 64, 32])
+    parser.add_argument("--questions", type=int, default=500)
+    parser.add_argument("--fastv-layer", type=int, default=2, help="FastV's K (LM layers before the drop)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--output", type=Path, default=ROOT / "runs" / "benchmarks" / "prune_trained_vlm")
+    parser.add_argument("--table", type=Path, default=ROOT / "evals" / "results" / "prune_trained_vlm.md")
+    args = parser.parse_args()
+    recipe = load_recipe(
+        RECIPE, [*args.overrides, f"output_dir={args.model.parent}", f"vlm.eval_questions={args.questions}"]
+    )
+    if not (args.model / "config.json").is_file():
+        run_recipe(recipe, resume=True)
+    loaded = load_model({"source": str(args.model), "dtype": "float32"})
+    items = held_out(recipe.vlm, recipe.seed)
+    inputs = batches(loaded.processor, items, args.batch_size)
+    tokenizer = loaded.processor.tokenizer
+    gold = [q.answer for _, q in items]
+    base = run_cell(PrunedLlava(loaded.model, PruneConfig(method="none")), tokenizer, inputs)
+    available = PrunedLlava(loaded.model, PruneConfig(method="none")).available
+    rows = [["unpruned", available, _acc(base["answers"], gold), 1.0, "-"]]
+    first_token = _first_token_base(loaded, inputs)
+    cells = {}
+    for name, settings in track(VARIANTS.items(), description="variants"):
+        for keep in args.keeps:
+            config = PruneConfig(keep=keep, seed=recipe.seed, fastv_layer=args.fastv_layer, **settings)
+            cell = run_cell(PrunedLlava(loaded.model, config), tokenizer, inputs)
+            cells[f"{name}@{keep}"] = cell
+            reference = base["answers"] if settings["method"] != "fastv" else first_token
+            found = recall(items, cell["kept"]) if cell["kept"] else None
+            rows.append(
+                [
+                    name,
+                    keep,
+                    _acc(cell["answers"], gold),
+                    _acc(cell["answers"], reference),
+                    "-" if found is None else found,
+                ]
+            )
+    notes = [
+        f"command: `python benchmarks/prune_trained_vlm.py --keeps {' '.join(map(str, args.keeps))}"
+        f" --questions {args.questions} --fastv-layer {args.fastv_layer} {' '.join(args.overrides)}`; "
+        f"model {args.model} (recipes/train_tiny_vlm.yaml)",
+        f"{len(items)} held-out scenes and questions (seed stream 'eval:{recipe.seed}'), {available} image "
+        "tokens per image; accuracy: first answer word = gold; agreement: same first word as unpruned "
+        "(FastV: first answer token, against the unpruned first token)",
+        "patch recall: kept ground-truth patches of the asked objects / all of them (a patch belongs to "
+        "an object when >= 10% of its pixels do)",
+        f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU",
+    ]
+    headers = ["method", "kept tokens", "accuracy", "agreement with unpruned", "patch recall"]
+    write_report(
+        args.output, "Token pruning on the tiny VLM trained here", {"rows": rows}, headers, rows, notes
+    )
+    args.table.write_text((args.output / "summary.md").read_text())
+    return 0
+
+
+def _acc(answers: list[str], reference: list[str]) -> float:
+    return round(sum(a == b for a, b in zip(answers, reference, strict=True)) / len(reference), 4)
+
+
+def _first_token_base(loaded, inputs) -> list[str]:
+    unpruned = PrunedLlava(loaded.model, PruneConfig(method="none"))
+    tokenizer = loaded.processor.tokenizer
+    return [
+        w
+        for b in inputs
+        for w in first_words(tokenizer, unpruned.next_token_logits(**b).argmax(-1, keepdim=True))
+    ]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

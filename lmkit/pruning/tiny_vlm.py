@@ -1,0 +1,195 @@
+"""A small LLaVA-family model trained here, so that pruning is measured where attention means
+something (no trained vision-language weights can be downloaded on lmkit's machines).
+
+Two stages fit a CPU budget:
+1. The CLIP-style vision tower (with [CLS]) learns the scenes alone, without the LM: each patch of
+   the feature layer the LM reads names the object under it (or background), and [CLS] names which
+   (colour, shape) objects the scene holds. Cheap, and it makes [CLS] attention look at objects.
+2. The projector and a LoRA on the (layer-truncated) language model learn to answer questions about
+   the scenes, the tower frozen. The LoRA is merged, so the result is an ordinary transformers
+   `LlavaForConditionalGeneration` directory that the loader, the pruning wrapper and the vLLM
+   plugin take unchanged.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from rich.progress import track
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlavaConfig, LlavaProcessor
+from transformers import LlavaForConditionalGeneration as Llava
+
+from lmkit.generation import format_prompt
+from lmkit.modeling import truncate_layers
+from lmkit.pruning.scenes import COLOURS, SHAPES, Question, Scene, ask, make_scene
+from lmkit.pruning.vlm_config import TinyVLMConfig
+
+OBJECTS = [(c, s) for c in COLOURS for s in SHAPES]  # what a patch or a scene can hold
+
+
+def draw_scenes(rng: random.Random, count: int, config: TinyVLMConfig) -> list[tuple[Scene, Question]]:
+    scenes = [make_scene(rng, config.image_size, config.patch_size) for _ in range(count)]
+    return [(scene, ask(rng, scene)) for scene in scenes]
+
+
+def image_processor(config: TinyVLMConfig) -> CLIPImageProcessorPil:
+    side = config.image_size
+    return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+def _vision_targets(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(patch labels [n, grid^2]: 0 = background, 1 + object class; presence [n, classes])."""
+    patch_labels, presence = [], []
+    for scene in scenes:
+        labels = np.zeros(scene.grid * scene.grid, dtype=np.int64)
+        present = np.zeros(len(OBJECTS), dtype=np.float32)
+        for obj in scene.objects:
+            index = OBJECTS.index((obj.colour, obj.shape))
+            labels[obj.patches.reshape(-1)] = 1 + index
+            present[index] = 1.0
+        patch_labels.append(labels)
+        presence.append(present)
+    return torch.from_numpy(np.stack(patch_labels)), torch.from_numpy(np.stack(presence))
+
+
+def pretrain_vision(config: TinyVLMConfig, seed: int) -> CLIPVisionModel:
+    """Stage 1: the tower alone, supervised per patch (at the LM's feature layer) and per scene ([CLS])."""
+    spec = config.vision
+    torch.manual_seed(seed)
+    tower = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+        )
+    )
+    patch_head = torch.nn.Linear(spec.hidden_size, 1 + len(OBJECTS))
+    scene_head = torch.nn.Linear(spec.hidden_size, len(OBJECTS))
+    params = [*tower.parameters(), *patch_head.parameters(), *scene_head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.vision_stage.lr)
+    processor, rng = image_processor(config), random.Random(f"vision:{seed}")
+    tower.train()
+    for _ in track(range(config.vision_stage.steps), description="tiny VLM: vision tower"):
+        scenes = [
+            make_scene(rng, config.image_size, config.patch_size)
+            for _ in range(config.vision_stage.batch_size)
+        ]
+        pixels = processor([s.image for s in scenes], return_tensors="pt").pixel_values
+        patch_labels, presence = _vision_targets(scenes)
+        out = tower(pixel_values=pixels, output_hidden_states=True)
+        features = out.hidden_states[config.feature_layer][:, 1:]  # what LLaVA's "default" strategy reads
+        patch_loss = F.cross_entropy(patch_head(features).flatten(0, 1), patch_labels.flatten())
+        scene_loss = F.binary_cross_entropy_with_logits(scene_head(out.pooler_output), presence)
+        optimizer.zero_grad()
+        (patch_loss + scene_loss).backward()
+        optimizer.step()
+    tower.eval()
+    return tower
+
+
+def assemble(config: TinyVLMConfig, tower: CLIPVisionModel, lm, tokenizer) -> tuple[Llava, LlavaProcessor]:
+    """A LLaVA model from the trained tower, a fresh projector and the (truncated) LM."""
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    lm = truncate_layers(lm, config.lm_layers) if config.lm_layers else lm
+    lm.resize_token_embeddings(len(tokenizer))
+    text_config = lm.config
+    llava_config = LlavaConfig(
+        vision_config=tower.config,
+        text_config=text_config,
+        vision_feature_layer=config.feature_layer,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+    )
+    model = Llava(llava_config)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    processor = LlavaProcessor(
+        image_processor=image_processor(config),
+        tokenizer=tokenizer,
+        patch_size=config.patch_size,
+        num_additional_image_tokens=1,  # [CLS]; the "default" strategy drops it again
+        vision_feature_select_strategy="default",
+        chat_template=tokenizer.chat_template,
+    )
+    return model.eval(), processor
+
+
+def prompt(processor: LlavaProcessor, question: str) -> str:
+    return format_prompt(processor.tokenizer, f"<image>\n{question}")
+
+
+def _answer_batch(processor: LlavaProcessor, items: list[tuple[Scene, Question]]) -> dict[str, torch.Tensor]:
+    """Prompt + answer + end of turn, the loss on the answer tokens only (right padding)."""
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "right"
+    texts = [prompt(processor, q.text) for _, q in items]
+    answers = [q.answer + (tokenizer.eos_token or "") for _, q in items]
+    batch = processor(
+        images=[s.image for s, _ in items],
+        text=[t + a for t, a in zip(texts, answers, strict=True)],
+        padding=True,
+        return_tensors="pt",
+    )
+    labels = batch.input_ids.clone()
+    for row, text in enumerate(texts):
+        prefix = len(processor(images=items[row][0].image, text=text, return_tensors="pt").input_ids[0])
+        labels[row, :prefix] = -100
+    labels[batch.attention_mask == 0] = -100
+    return {**batch, "labels": labels}
+
+
+def align(config: TinyVLMConfig, model: Llava, processor: LlavaProcessor, seed: int) -> Llava:
+    """Stage 2: projector + LoRA on the LM learn to answer (tower frozen); the LoRA is merged."""
+    torch.manual_seed(seed)
+    model.model.vision_tower.requires_grad_(False)
+    language = get_peft_model(model.model.language_model, config.lora.peft_config())
+    model.model.language_model = language
+    model.lm_head.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.align_stage.lr)
+    rng = random.Random(f"align:{seed}")
+    model.train()
+    for _ in track(range(config.align_stage.steps), description="tiny VLM: projector + LoRA"):
+        batch = _answer_batch(processor, draw_scenes(rng, config.align_stage.batch_size, config))
+        labels = batch.pop("labels")
+        hidden = model.model(**batch).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        where = targets != -100
+        loss = F.cross_entropy(model.lm_head(hidden[where]).float(), targets[where])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.model.language_model = language.merge_and_unload()
+    return model.eval()
+
+
+@torch.inference_mode()
+def answers(
+    model, processor: LlavaProcessor, items: list[tuple[Scene, Question]], batch_size: int = 16
+) -> list[str]:
+    """The first word of each greedy answer, lower-cased."""
+    processor.tokenizer.padding_side = "left"
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        batch = processor(
+            images=[s.image for s, _ in chunk],
+            text=[prompt(processor, q.text) for _, q in chunk],
+            padding=True,
+            return_tensors="pt",
+        )
+        new = model.generate(**batch, max_new_tokens=3, do_sample=False)[:, batch.input_ids.shape[1] :]
+        out += [
+            (t.split() or [""])[0].strip(".,!?").lower()
+            for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        ]
+    return out

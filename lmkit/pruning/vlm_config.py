@@ -1,0 +1,37 @@
+"""Settings of the tiny VLM trained here (`method: train_vlm`), apart from the torch code."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from lmkit.adapters import LoraSpec
+from lmkit.config import StrictModel
+from lmkit.loader import ModelSpec
+
+
+class VisionTowerSpec(StrictModel):
+    """A CLIP-style tower with [CLS]."""
+
+    hidden_size: int = Field(128, gt=0)
+    intermediate_size: int = Field(512, gt=0)
+    layers: int = Field(4, gt=1, description="the LM reads the second-to-last layer")
+    heads: int = Field(4, gt=0)
+
+
+class StageSpec(StrictModel):
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+
+
+class TinyVLMConfig(StrictModel):
+    image_size: int = Field(224, gt=0, description="224 px at patch 14: 256 image tokens")
+    patch_size: int = Field(14, gt=0)
+    feature_layer: int = Field(-2, description="vision layer the LM reads (LLaVA-1.5's choice)")
+    vision: VisionTowerSpec = Field(default_factory=VisionTowerSpec)
+    lm: ModelSpec = Field(default_factory=lambda: ModelSpec(source="smollm2-135m", dtype="float32"))
+    lm_layers: int | None = Field(4, gt=0, description="keep the first N LM layers; unset: all")
+    lora: LoraSpec = Field(default_factory=lambda: LoraSpec(r=16, alpha=32, dropout=0.0))
+    vision_stage: StageSpec = Field(default_factory=lambda: StageSpec(steps=600, batch_size=32, lr=1e-3))
+    align_stage: StageSpec = Field(default_factory=lambda: StageSpec(steps=300, batch_size=8, lr=5e-4))
+    eval_questions: int = Field(500, gt=0, description="held-out scenes and questions")

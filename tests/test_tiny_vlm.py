@@ -1,0 +1,48 @@
+"""The tiny VLM trainer at CI size: a few steps of each stage on tiny scenes, saved as a LLaVA dir
+that the loader and the pruning wrapper take unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from lmkit.loader import load_model
+from lmkit.pruning.config import PruneConfig
+from lmkit.pruning.llava import PrunedLlava
+from lmkit.pruning.tiny_vlm import prompt
+from lmkit.pruning.vlm_recipe import held_out
+from lmkit.recipes import load_recipe, run_recipe
+
+TINY_VLM = [
+    "vlm.image_size=56",
+    "vlm.patch_size=14",
+    "vlm.vision={hidden_size: 32, intermediate_size: 64, layers: 2, heads: 2}",
+    "vlm.lm.source=tiny-llama",
+    "vlm.lm_layers=1",
+    "vlm.lora.r=4",
+    "vlm.vision_stage={steps: 3, batch_size: 4, lr: 1.0e-3}",
+    "vlm.align_stage={steps: 2, batch_size: 2, lr: 1.0e-3}",
+    "vlm.eval_questions=6",
+]
+
+
+def test_train_vlm_recipe_saves_a_llava_dir_the_loader_and_pruning_take(tmp_path):
+    recipe = load_recipe("recipes/train_tiny_vlm.yaml", [*TINY_VLM, f"output_dir={tmp_path}"])
+    results = run_recipe(recipe)
+    assert set(results["accuracy"]) >= {"all"} and 0 <= results["accuracy"]["all"] <= 1
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["text_config"]["num_hidden_layers"] == 1
+    loaded = load_model({"source": str(tmp_path / "model")})
+    scene, question = held_out(recipe.vlm, recipe.seed)[0]
+    batch = dict(
+        loaded.processor(
+            images=[scene.image], text=[prompt(loaded.processor, question.text)], return_tensors="pt"
+        )
+    )
+    pruned = PrunedLlava(loaded.model, PruneConfig(method="freepruner_style", keep=4))
+    assert pruned.available == 16 and pruned.has_cls
+    logits = pruned.next_token_logits(**batch)
+    assert logits.shape[0] == 1 and torch.isfinite(logits).all()
+    rerun = run_recipe(recipe, resume=True)  # a saved model is reused, only re-scored
+    assert rerun["accuracy"] == results["accuracy"]
