@@ -28,11 +28,10 @@ from typing import Any
 from real_data import ROOT, bench_parser, missing
 from scipy import stats
 
-from lmkit.fdkt.cluster import Embedder
 from lmkit.fdkt.config import FDKTConfig
 from lmkit.fdkt.privacy import ClientPrivacy
 from lmkit.fdkt.protocol import client_reports, client_synthesize, client_train, server_augment
-from lmkit.fdkt.server import LocalLLM
+from lmkit.fdkt.server import LocalLLM, server_embedder
 from lmkit.io import write_json_atomic
 from lmkit.recipes import load_recipe
 from lmkit.report import write_report
@@ -122,7 +121,8 @@ def main() -> int:
         recipe = load_recipe(RECIPE, [f"seed={seed}"])
         config = recipe.fdkt.model_copy(update={"seed": seed})
         if llm is None:
-            llm, embed = LocalLLM(config.server), Embedder(config.server.embedder or config.server.model)
+            llm = LocalLLM(config.server)
+            embed = server_embedder(config.server, llm)
         per_seed[seed] = one_seed(config, recipe.epsilons, Path(args.output) / f"seed{seed}", llm, embed)
     clients = [c.name for c in config.clients]
     headers = ["setup", *clients, "mean over clients", "seeds"]
@@ -145,7 +145,7 @@ def main() -> int:
         "sst2_train_5k.jsonl, tested on all 872 rows of sst2_dev.jsonl; tweets = tweeteval_sentiment_val"
         ".jsonl with neutral dropped, tested on 500 rows of tweeteval_sentiment_test.jsonl (neutral "
         "dropped); news = ag_news_test.jsonl (4 topics), tested on 500 of the 20% held out of it",
-        "models: client generator SmolLM2-135M + LoRA r8, DP-SGD (Opacus, PRV accountant, secure RNG, "
+        "models: client generator SmolLM2-135M + LoRA r8, DP-SGD (Opacus, PRV accountant, OS-entropy RNG, "
         "delta 1e-4, 2 epochs, batch 16); server LLM SmolLM2-135M, all 30 layers, in-process, sampling "
         "at temperature 0.8 / top_p 0.9, KMeans per label on its mean-pooled states (4 per cluster); "
         "client task model: the first 4 SmolLM2 layers + a linear head, early stopping on 15% of its "

@@ -46,7 +46,9 @@ def generate_ids(
 
     `per_prompt` holds extra integer inputs, one per prompt (e.g. MoLA's `task_ids`), passed batched.
     """
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {}
+    )
     model.eval()
     device = next(model.parameters()).device
     outputs: list[str] = []

@@ -53,7 +53,7 @@ def test_planned_noise_spends_the_target_over_all_rounds(epsilon):
 
 def test_dp_finetune_is_cumulative_across_rounds_and_refuses_to_overspend():
     loaded = load_model("tiny-llama")
-    texts = [f"Domain: travel | Sentiment: positive | Review: record {i}" for i in range(16)]
+    texts = [f"Domain: travel reviews | Label: positive | Text: record {i}" for i in range(16)]
     config, ledger = DPConfig(epsilon=3.0, epochs=1, batch_size=4), ClientPrivacy()
     before = {n: p.clone() for n, p in loaded.model.named_parameters()}
     model = dp_finetune(loaded.model, loaded.tokenizer, texts, config, ledger, rounds=2, seed=0)
@@ -111,7 +111,8 @@ def test_augment_counts_malformed_replies_from_a_real_model_and_keeps_going():
     report = augment(
         demos, "restaurant reviews", ["positive", "negative"], LocalLLM(config.server), config, 0
     )
-    assert report.malformed + report.filtered_out + report.kept_demos >= len(demos)
+    assert report.no_verdict + report.filtered_out + report.passed == len(demos)
+    assert report.kept_demos == max(report.passed, 1)  # one group (no clustering): its central one kept
     assert all(s["label"] in ("positive", "negative") for s in report.samples)
 
 
@@ -201,7 +202,7 @@ def test_server_llm_through_lmkit_serve_on_a_real_vllm_server(tmp_path):
         demos = [{"text": f"the bread was stale number {i}", "label": "negative"} for i in range(4)]
         fdkt = tiny_fdkt(server_step={"cluster": False})
         report = augment(demos, "restaurant reviews", ["positive", "negative"], llm, fdkt, seed=0)
-    assert report.malformed + report.filtered_out + report.kept_demos >= len(demos)
+    assert report.no_verdict + report.filtered_out + report.passed == len(demos)
 
 
 def test_fdkt_recipe_in_process_reports_local_vs_fdkt_per_client_and_epsilon(tmp_path):

@@ -26,7 +26,7 @@ def trained_lora(config: DPConfig, seed: int) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_" in n])
 
 
-def test_secure_mode_is_the_default_and_the_recipe_seed_does_not_reach_the_noise(caplog):
+def test_secure_mode_is_the_default_and_the_recipe_seed_does_not_reach_the_noise(caplog, monkeypatch):
     secure = DPConfig(epsilon=4.0, epochs=1, batch_size=4)
     assert secure.secure_mode
     with caplog.at_level(logging.WARNING):
@@ -36,6 +36,10 @@ def test_secure_mode_is_the_default_and_the_recipe_seed_does_not_reach_the_noise
     with caplog.at_level(logging.WARNING):
         assert torch.equal(trained_lora(insecure, 0), trained_lora(insecure, 0))  # seed -> same noise
     assert INSECURE in caplog.text
+    import lmkit.fdkt.privacy
+
+    monkeypatch.setattr(lmkit.fdkt.privacy.secrets, "randbits", lambda bits: 12345)
+    assert torch.equal(trained_lora(secure, 0), trained_lora(secure, 0))  # OS entropy is the only source
 
 
 def write_jsonl(path, rows):
@@ -85,6 +89,25 @@ def test_user_data_files_with_three_labels_run_end_to_end_and_outputs_are_kept(t
     assert load_model({"source": str(mine / "task_model" / "lm")}).model.config.num_hidden_layers == 1
     assert (out / "local_only" / "clients" / "shop" / "task_model" / "head.pt").is_file()
     assert "shop reviews" in (out / "summary.md").read_text()
+
+
+def test_a_failing_client_sends_only_its_error_type_and_keeps_the_message(tmp_path):
+    from lmkit.fdkt.protocol import run_inprocess
+    from lmkit.fdkt.server import LocalLLM
+
+    train, _ = three_label_files(tmp_path)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"sentence": "secret words here", "rating": 7}])
+    columns = {"input": "sentence", "target": "rating"}
+    source = {"source": str(train), "columns": columns, "eval": {"source": str(bad)}}
+    shop = {"name": "shop", "domain": "shop reviews", "data": {"sources": [source]}}
+    config = tiny_fdkt(clients=[review_client("travel"), shop], canaries=0)
+    sent: list[dict] = []
+    results = run_inprocess(config, LocalLLM(config.server), tmp_path / "out", sent)
+    [dropped] = results["dropped"]
+    assert dropped["error"].startswith("client shop: synthesis failed (DataError)")
+    assert "7" not in dropped["error"] and "label_names" not in dropped["error"]
+    assert "test labels ['7']" in (tmp_path / "out" / "clients" / "shop" / "error.log").read_text()
+    assert set(results["clients"]) == {"travel"}
 
 
 def test_client_data_errors_name_the_client_and_the_fix(tmp_path):

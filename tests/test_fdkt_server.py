@@ -92,7 +92,7 @@ def test_clustering_without_an_embedder_model_is_a_clear_error():
 
 
 def test_the_embedder_gives_unit_vectors_from_a_loader_model():
-    vectors = Embedder(TINY)(["one text", "another, longer text here"])
+    vectors = Embedder.load(TINY)(["one text", "another, longer text here"])
     assert vectors.shape[0] == 2 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
 
 

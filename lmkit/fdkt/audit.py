@@ -33,7 +33,7 @@ def exposure(canaries: list[Canary], synthetic: list[str], run: int = 5) -> dict
 def sequence_losses(model: torch.nn.Module, tokenizer, texts: list[str]) -> list[float]:
     losses = []
     for text in texts:
-        ids = tokenizer(text, return_tensors="pt").input_ids
+        ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
         logits = model(input_ids=ids).logits[:, :-1].float()
         losses.append(float(F.cross_entropy(logits[0], ids[0, 1:])))
     return losses

@@ -34,7 +34,7 @@ def sample(
     torch.manual_seed(seed)
     rows = []
     for label in labels:
-        prompt = tokenizer(control_code(domain, label), return_tensors="pt")
+        prompt = tokenizer(control_code(domain, label), return_tensors="pt").to(model.device)
         out = model.generate(
             **prompt,
             do_sample=True,
@@ -139,10 +139,15 @@ class TaskModel:
         self.classifier.eval()
 
     @torch.inference_mode()
-    def predict(self, texts: list[str]) -> list[str]:
-        rows = [{"text": t, "label": self.labels[0]} for t in texts]
-        batch = _collate(self.tokenizer.pad_token_id)(
-            _rows(self.tokenizer, rows, self.labels, self.max_length)
-        )
-        batch.pop("labels")
-        return [self.labels[i] for i in self.classifier(**batch).logits.argmax(-1).tolist()]
+    def predict(self, texts: list[str], batch_size: int = 32) -> list[str]:
+        device = next(self.classifier.encoder.parameters()).device
+        self.classifier.head.to(device)
+        records = [{"text": t, "label": self.labels[0]} for t in texts]
+        rows = _rows(self.tokenizer, records, self.labels, self.max_length)
+        predicted = []
+        for start in range(0, len(rows), batch_size):
+            batch = _collate(self.tokenizer.pad_token_id)(rows[start : start + batch_size])
+            batch.pop("labels")
+            logits = self.classifier(**{k: v.to(device) for k, v in batch.items()}).logits
+            predicted += [self.labels[i] for i in logits.argmax(-1).tolist()]
+        return predicted

@@ -27,11 +27,16 @@ class Cluster:
 
 
 class Embedder:
-    """Mean-pooled last hidden states of a loader model, L2-normalised."""
+    """Mean-pooled last hidden states of a language model, L2-normalised."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer) -> None:
+        self.encoder, self.tokenizer = LMEncoder(model), tokenizer
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> Embedder:
         loaded = load_model(spec)
-        self.encoder, self.tokenizer = LMEncoder(loaded.model), loaded.tokenizer
+        return cls(loaded.model, loaded.tokenizer)
 
     @torch.inference_mode()
     def __call__(self, texts: list[str], batch_size: int = 16) -> np.ndarray:
@@ -42,7 +47,8 @@ class Embedder:
                 for t in texts[start : start + batch_size]
             ]
             ids, mask = pad(rows, self.tokenizer.pad_token_id)
-            vectors.append(torch.nn.functional.normalize(self.encoder(ids, mask), dim=-1))
+            pooled = self.encoder(ids.to(self.device), mask.to(self.device))
+            vectors.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
         return torch.cat(vectors).numpy() if vectors else np.zeros((0, self.encoder.hidden_size))
 
 

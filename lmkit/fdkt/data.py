@@ -41,6 +41,12 @@ def load_client(client: ClientSpec, index: int, seed: int) -> ClientData:
     if data.generate is not None and data.generate.seed is None:
         data = data.model_copy(update={"generate": data.generate.model_copy(update={"seed": seed})})
     train, test = load_data(data)
+    if not train or not test:
+        empty = "training records" if not train else "test records"
+        raise DataError(
+            f"fdkt.clients[{index}] ({client.name}): no {empty} (check limit, drop_labels and the eval "
+            "split). Fix: give the client rows in both splits."
+        )
     labels = list(train[0].get("choices") or []) or sorted({e["target"] for e in train})
     unknown = sorted({e["target"] for e in test} - set(labels))
     if unknown:

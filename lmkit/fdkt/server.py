@@ -96,20 +96,25 @@ def server_llm(config: ServerLLMConfig) -> LLM:
     return EndpointLLM(config) if config.endpoint else LocalLLM(config)
 
 
-def server_embedder(config: ServerLLMConfig) -> Embedder:
+def server_embedder(config: ServerLLMConfig, llm: LLM | None = None) -> Embedder:
+    """The embedder: the in-process LLM itself when no other is named (one copy in memory)."""
+    if config.embedder is None and isinstance(llm, LocalLLM):
+        return Embedder(llm.model, llm.tokenizer)
     spec = config.embedder or config.model
     if spec is None:
         raise ConfigError(
             "fdkt.server: clustering needs an embedder and server.model is unset (the LLM is remote). "
             "Fix: set server.embedder (e.g. smollm2-135m), or fdkt.server_step.cluster: false."
         )
-    return Embedder(spec)
+    return Embedder.load(spec)
 
 
 @dataclass
 class AugmentReport:
     samples: list[dict] = field(default_factory=list)
-    kept_demos: int = 0
+    kept_demos: int = 0  # after filtering, with each cluster's central one kept when none passed
+    passed: int = 0  # demonstrations whose LLM verdict matched their label
+    no_verdict: int = 0  # demonstrations whose verdict named no label (counted in malformed too)
     filtered_out: int = 0
     malformed: int = 0  # replies that gave nothing usable (filter verdicts or generations)
     clusters: int = 0
@@ -198,6 +203,7 @@ def augment(
     label, filter by the LLM's label verdict, then few-shot generate new samples, one cluster's
     demonstrations per prompt. `embed` is needed when clustering."""
     step, report = config.server_step, AugmentReport()
+    demos = [d for d in demos if d["label"] in labels]  # a sample with a label the client never named
     seen: set[str] = set()
     if step.mode == "pass_through":
         report.samples = [d for d in demos if _usable(d["text"], seen)]
@@ -243,13 +249,14 @@ def _filtered_clusters(
     embed: Callable[[list[str]], np.ndarray] | None,
     report: AugmentReport,
 ) -> list[Cluster]:
-    demos = [d for d in demos if d["label"] in labels]
     verdicts = llm.complete([filter_prompt(d["text"], domain, labels) for d in demos], 8, greedy=True)
     passed = []
     for demo, reply in zip(demos, verdicts, strict=True):
         verdict = parse_verdict(reply, labels)
         report.malformed += verdict is None
+        report.no_verdict += verdict is None
         report.filtered_out += verdict is not None and verdict != demo["label"]
+        report.passed += verdict == demo["label"]
         passed.append(verdict == demo["label"])
     vectors = None
     if config.server_step.cluster and demos:

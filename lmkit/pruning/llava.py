@@ -52,21 +52,20 @@ def kept_positions(
     """Position ids of the pruned rows (as `shrink_placeholders` lays them out) when every kept token
     keeps its unpruned position: each kept image token at its patch's place, the text after the image
     where it was. `indices` [images, k] are the kept patches, images in batch order; None: all kept."""
+    device, input_ids, attention_mask = input_ids.device, input_ids.cpu(), attention_mask.cpu()
     original = padded_positions(attention_mask)
     if indices is None:
-        return original
+        return original.to(device)
     is_image = input_ids == image_token_id
     seen = is_image.long().cumsum(1) - 1
     first_image = torch.cat([torch.zeros(1, dtype=torch.long), (is_image.sum(1) // available).cumsum(0)[:-1]])
     image = (first_image[:, None] + seen // available).clamp_min(0)
     selected = torch.zeros(indices.shape[0], available, dtype=torch.bool)
     selected.scatter_(1, indices.cpu(), True)
-    keep = (
-        ~is_image | selected[image.cpu(), (seen % available).cpu()].to(is_image.device)
-    ) & attention_mask.bool()
-    rows = [row[mask].cpu() for row, mask in zip(original, keep, strict=True)]
+    keep = (~is_image | selected[image, seen % available]) & attention_mask.bool()
+    rows = [row[mask] for row, mask in zip(original, keep, strict=True)]
     positions, _ = pad(rows, 0, left=True)
-    return positions.to(input_ids.device)
+    return positions.to(device)
 
 
 class PrunedLlava:

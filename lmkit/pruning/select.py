@@ -58,7 +58,9 @@ def example_seeds(seed: int, examples: torch.Tensor) -> list[int]:
     `random` keeps the same subset of an example in every call that sees it (logits, answers, FLOPs,
     each engine), whatever else is in the batch or how often it was scored before."""
     rows = examples.detach().cpu()
-    rows = rows.to(torch.float32 if rows.is_floating_point() else torch.int64).reshape(len(rows), -1)
+    # pixels rounded to bfloat16 first: an engine running the tower in fp16/bf16 hashes the same values
+    rows = rows.to(torch.bfloat16).float() if rows.is_floating_point() else rows.to(torch.int64)
+    rows = rows.reshape(len(rows), -1)
     key = str(seed).encode()
     return [
         int.from_bytes(hashlib.blake2b(row.numpy().tobytes(), digest_size=8, key=key).digest(), "little") >> 1
