@@ -32,6 +32,6 @@ class TinyVLMConfig(StrictModel):
     lm: ModelSpec = Field(default_factory=lambda: ModelSpec(source="smollm2-135m", dtype="float32"))
     lm_layers: int | None = Field(4, gt=0, description="keep the first N LM layers; unset: all")
     lora: LoraSpec = Field(default_factory=lambda: LoraSpec(r=16, alpha=32, dropout=0.0))
-    vision_stage: StageSpec = Field(default_factory=lambda: StageSpec(steps=600, batch_size=32, lr=1e-3))
-    align_stage: StageSpec = Field(default_factory=lambda: StageSpec(steps=300, batch_size=8, lr=5e-4))
+    vision_stage: StageSpec = Field(default_factory=lambda: StageSpec(steps=900, batch_size=32, lr=1e-3))
+    align_stage: StageSpec = Field(default_factory=lambda: StageSpec(steps=600, batch_size=8, lr=5e-4))
     eval_questions: int = Field(500, gt=0, description="held-out scenes and questions")
