@@ -50,10 +50,16 @@ def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
     for (_, question), answer in zip(items, predicted, strict=True):
         by_kind.setdefault(question.kind, []).append((question.answer, answer))
     rows = []
-    for kind, pairs in [*sorted(by_kind.items()), ("all", [p for v in by_kind.values() for p in v])]:
-        majority = Counter(gold for gold, _ in pairs).most_common(1)[0][1] / len(pairs)
+
+    def majority_hits(pairs: list[tuple[str, str]]) -> int:
+        return Counter(gold for gold, _ in pairs).most_common(1)[0][1]
+
+    for kind, pairs in sorted(by_kind.items()):
         accuracy = sum(gold == answer for gold, answer in pairs) / len(pairs)
-        rows.append([kind, len(pairs), round(accuracy, 4), round(majority, 4)])
+        rows.append([kind, len(pairs), round(accuracy, 4), round(majority_hits(pairs) / len(pairs), 4)])
+    hits = sum(gold == answer for pairs in by_kind.values() for gold, answer in pairs)
+    majority = sum(majority_hits(pairs) for pairs in by_kind.values())  # each kind's most common answer
+    rows.append(["all", len(items), round(hits / len(items), 4), round(majority / len(items), 4)])
     results = {
         "model_dir": str(target),
         "accuracy": {r[0]: r[2] for r in rows},
