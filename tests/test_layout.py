@@ -67,7 +67,7 @@ def tiny_lora_recipe(tmp_path: Path, name: str) -> Path:
 
 
 def test_every_registered_method_resolves_with_a_documented_schema():
-    assert method_names() == ["fdkt", "lora", "mola", "prune", "prune_text", "rd"]
+    assert method_names() == ["fdkt", "lora", "mola", "prune", "prune_text", "rd", "train_vlm"]
     for name in method_names():
         keys = {row[0] for row in documented_keys(get_method(name).recipe)}
         assert {"method", "output_dir", "seed"} <= keys
