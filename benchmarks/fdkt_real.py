@@ -12,7 +12,10 @@ of the movies client (100 planted vs 100 fresh canaries) at each epsilon.
 
     python benchmarks/fdkt_real.py [--seeds 0 1 2 3 4]
 
-Cost on 2 CPU cores: about 40 minutes per seed. Finished stages under --output are reused.
+Cost on 2 CPU cores: about 1.5 hours per seed (about 12 minutes per epsilon row). Finished stages
+under --output are reused, and each finished cell's numbers (accuracies, audit, epsilon spent) are
+committed under evals/results/raw/fdkt_real/seed<S>/, so a later run on a fresh machine adds the
+missing cells instead of redoing the finished ones.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from real_data import ROOT, bench_parser, missing
+from real_data import LEDGER, ROOT, bench_parser, ledgered, missing
 from scipy import stats
 
 from lmkit.fdkt.config import FDKTConfig
@@ -55,6 +58,11 @@ def cached(path: Path, compute: Callable[[], Any]) -> Any:
     return result
 
 
+def synthesize(config: FDKTConfig, stage: Path) -> list[dict]:
+    """Every client's DP synthetic payload at this stage's epsilon."""
+    return [client_synthesize(config, p, ClientPrivacy(), 0, stage)[0] for p in range(len(config.clients))]
+
+
 def label(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
@@ -67,30 +75,32 @@ def train_all(config: FDKTConfig, augmented: dict[int, list[dict]], out: Path) -
 
 def one_seed(config: FDKTConfig, epsilons: list[float], out: Path, llm, embed) -> dict[str, Any]:
     """{row: {client: accuracy}}, plus the audit and epsilon spent per epsilon."""
-    rows = {"local only": cached(out / "local.json", lambda: train_all(config, {}, out / "local_only"))}
+    kept = LEDGER / "fdkt_real" / out.name  # small per-cell numbers, committed (see real_data.ledgered)
+    rows = {"local only": ledgered(kept / "local.json", lambda: train_all(config, {}, out / "local_only"))}
     audits, spent = {}, {}
     for epsilon in epsilons:
         at = config.model_copy(update={"dp": config.dp.model_copy(update={"epsilon": epsilon})})
         stage = out / f"eps_{label(epsilon)}"
 
-        def synthesize(c: FDKTConfig = at, s: Path = stage) -> list[dict]:
-            return [client_synthesize(c, p, ClientPrivacy(), 0, s)[0] for p in range(len(c.clients))]
+        def privacy(c: FDKTConfig = at, s: Path = stage) -> dict[str, Any]:
+            payloads = cached(s / "payloads.json", lambda: synthesize(c, s))
+            audit = client_reports(c, s)[c.clients[0].name].get("audit", {})
+            return {"audit": audit, "epsilon_spent": payloads[0]["epsilon"]}
 
-        payloads = cached(stage / "payloads.json", synthesize)
-        audits[label(epsilon)] = client_reports(at, stage)[config.clients[0].name].get("audit", {})
-        spent[label(epsilon)] = payloads[0]["epsilon"]
+        synthesis = ledgered(kept / f"eps_{label(epsilon)}_privacy.json", privacy)
+        audits[label(epsilon)], spent[label(epsilon)] = synthesis["audit"], synthesis["epsilon_spent"]
         variants = ABLATIONS if epsilon == ABLATION_EPSILON else {"FDKT": {}}
         for name, step in variants.items():
             variant = at.model_copy(update={"server_step": at.server_step.model_copy(update=step)})
             where = stage / ("fdkt" if not step else "_".join(f"{k}-{v}" for k, v in step.items()))
 
-            def federate(c: FDKTConfig = variant, w: Path = where, ps: list[dict] = payloads) -> dict:
+            def federate(c: FDKTConfig = variant, w: Path = where, s: Path = stage) -> dict:
                 augmented, counts = {}, {}
-                for p, payload in enumerate(ps):
+                for p, payload in enumerate(cached(s / "payloads.json", lambda: synthesize(c, s))):
                     augmented[p], counts[payload["client"]] = server_augment(c, payload, llm, embed, c.seed)
                 return {"reports": train_all(c, augmented, w), "server": counts}
 
-            result = cached(where / "result.json", federate)
+            result = ledgered(kept / f"eps_{label(epsilon)}_{where.name}.json", federate)
             row = name if name != "FDKT" else f"FDKT, epsilon {label(epsilon)}"
             if name != "FDKT":
                 row += f" (epsilon {label(ABLATION_EPSILON)})"

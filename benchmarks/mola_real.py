@@ -1,28 +1,31 @@
 """MoLA on real heterogeneous tasks (SST-2, AG News, RTE, BoolQ), several seeds, with baselines.
 
 Reads ../shared/data through recipes/real/mola_tasks.yaml (skips when the folder is absent). Per
-seed, four runs of the mola recipe, all on the same rows and stopping on their validation loss:
-- `main`: single LoRA r8, per-task LoRAs, MoLA-Grad, MoLA-Router (TwD on);
+seed, one run of the mola recipe per cell, all on the same rows and stopping on their validation loss:
+- `single_lora`, `per_task_lora`, `mola_grad`, `mola_router` (TwD on): rank 8 per adapter;
 - `single_matched`: one LoRA with as many parameters as MoLA (rank 8 x (tasks + shared));
 - `no_instruction`: MoLA-Router with the task instruction removed from every prompt (the router
   must infer the task from the content);
 - `no_twd`: MoLA-Router without task-wise decorrelation.
 The table gives exact match per task, mean ± sd over seeds, and the router's gate purity.
 
-    python benchmarks/mola_real.py [--seeds 0 1 2] [--rows 500]
+    python benchmarks/mola_real.py [--seeds 0 1 2] [--rows 500] [--cells single_lora mola_grad ...]
 
-Cost on 2 CPU cores: about 15 minutes per variant and seed (SmolLM2-135M trains at ~200 tok/s).
-Runs already finished under --output are reused.
+Cost on 2 CPU cores: about 15-25 minutes per cell (one variant, one seed; SmolLM2-135M trains at
+~200 tok/s). Each finished cell's numbers are committed under evals/results/raw/mola_real/, so the
+table grows across machines and sessions; the table is rewritten after every cell.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from real_data import DATA, ROOT, bench_parser, mean_sd, missing
+from real_data import DATA, LEDGER, ROOT, bench_parser, ledgered, mean_sd, missing
 
 from lmkit.recipes import load_recipe, run_recipe
 from lmkit.report import write_report
@@ -35,32 +38,23 @@ BARE_TEMPLATES = [  # the recipe's templates without their instructions, in its 
     '"{{ premise }}\\n{{ hypothesis }}"',
     '"{{ passage }}\\n{{ question }}?"',
 ]
-RUNS: dict[str, tuple[list[str], dict[str, str]]] = {  # run -> (overrides, variant -> row label)
-    "main": (
-        [],
-        {
-            "single_lora": "single LoRA r8",
-            "per_task_lora": "per-task LoRAs r8",
-            "mola_grad": "MoLA-Grad",
-            "mola_router": "MoLA-Router (TwD)",
-        },
-    ),
+VARIANT = 0  # index into a cell's tuple: (variant trained, overrides, row label)
+CELLS: dict[str, tuple[str, list[str], str]] = {
+    "single_lora": ("single_lora", [], "single LoRA r8"),
     "single_matched": (
-        [
-            "mola.variants=[single_lora]",
-            f"mola.lora.r={8 * (len(TASKS) + 1)}",
-            f"mola.lora.alpha={16 * (len(TASKS) + 1)}",
-        ],
-        {"single_lora": "single LoRA, MoLA's parameter count"},
+        "single_lora",
+        [f"mola.lora.r={8 * (len(TASKS) + 1)}", f"mola.lora.alpha={16 * (len(TASKS) + 1)}"],
+        "single LoRA, MoLA's parameter count",
     ),
+    "per_task_lora": ("per_task_lora", [], "per-task LoRAs r8"),
+    "mola_grad": ("mola_grad", [], "MoLA-Grad"),
+    "mola_router": ("mola_router", [], "MoLA-Router (TwD)"),
     "no_instruction": (
-        [
-            "mola.variants=[mola_router]",
-            *(f"data.sources[{i}].template={t}" for i, t in enumerate(BARE_TEMPLATES)),
-        ],
-        {"mola_router": "MoLA-Router, no task instruction"},
+        "mola_router",
+        [f"data.sources[{i}].template={t}" for i, t in enumerate(BARE_TEMPLATES)],
+        "MoLA-Router, no task instruction",
     ),
-    "no_twd": (["mola.variants=[mola_router]", "mola.twd_weight=0"], {"mola_router": "MoLA-Router, TwD off"}),
+    "no_twd": ("mola_router", ["mola.twd_weight=0"], "MoLA-Router, TwD off"),
 }
 
 
@@ -74,66 +68,85 @@ def data_overrides(rows: int) -> list[str]:
     return out + [f"data.sources[{i}].limit={rows}" for i in range(len(files))]
 
 
-def run_once(out: Path, overrides: list[str]) -> dict[str, Any]:
-    if not (out / "results.json").is_file():
-        run_recipe(load_recipe(RECIPE, [*overrides, f"output_dir={out}"]), resume=True)
-    return json.loads((out / "results.json").read_text())
+def run_cell(out: Path, variant: str, overrides: list[str]) -> dict[str, Any]:
+    """Train and score one variant; the numbers the table needs (kept in the ledger)."""
+    began = time.monotonic()
+    recipe = load_recipe(RECIPE, [*overrides, f"mola.variants=[{variant}]", f"output_dir={out}"])
+    results = run_recipe(recipe, resume=True)
+    samples = [json.loads(line) for line in (out / "variants" / variant / "samples.jsonl").open()]
+    return {
+        "exact_match": results["exact_match"][variant],
+        "training": results["training"][variant],
+        "gate_purity": results["gate_purity"].get(variant),
+        "eval_rows": dict(Counter(s["task"] for s in samples)),
+        "overrides": overrides,
+        "measured": time.strftime("%Y-%m-%d"),
+        "wall_minutes": round((time.monotonic() - began) / 60, 1),
+    }
+
+
+def table(rows_per_task: int, output: Path, path: Path) -> None:
+    """The table over every cell in the ledger at this training size, whichever run measured it."""
+    cells = {
+        cell: [
+            json.loads(f.read_text())
+            for f in sorted(LEDGER.glob(f"mola_real/rows{rows_per_task}/seed*/{cell}.json"))
+        ]
+        for cell in CELLS
+    }
+    cells = {cell: runs for cell, runs in cells.items() if runs}
+    if not cells:
+        return
+    headers = ["variant", *TASKS, "overall", "gate purity", "seeds", "steps (best)"]
+    rows = [
+        [
+            CELLS[cell][2],
+            *(mean_sd([r["exact_match"][t] for r in runs]) for t in [*TASKS, "overall"]),
+            mean_sd([r["gate_purity"]["overall"] for r in runs]) if runs[0]["gate_purity"] else "-",
+            len(runs),
+            ", ".join(f"{r['training']['steps']} ({r['training'].get('best_step', '-')})" for r in runs),
+        ]
+        for cell, runs in cells.items()
+    ]
+    first = next(iter(cells.values()))[0]
+    eval_rows = ", ".join(f"{t} {first['eval_rows'][t]}" for t in TASKS)
+    notes = [
+        f"command: `python benchmarks/mola_real.py --seeds S... --rows {rows_per_task}`; every finished "
+        f"cell is kept in evals/results/raw/mola_real/rows{rows_per_task}/seed<S>/<cell>.json, and the "
+        "table covers all of them; recipe recipes/real/mola_tasks.yaml (SmolLM2-135M-Instruct, rank 8 "
+        "per adapter, shared LoRA, batch 16, lr 5e-4)",
+        f"data (../shared/data): {rows_per_task} seeded training rows per task (a seeded 10% of them "
+        "the early-stopping validation split: every 25 steps, patience 3, best weights kept, max 600 "
+        f"steps); eval rows per task: {eval_rows} (SST-2 dev sample, AG News held-out sample, all of "
+        "RTE dev, BoolQ held-out sample)",
+        "exact match of the greedy answer with the label word; mean ± sd over the seeds in the "
+        "'seeds' column; gate purity: mean router gate on the example's own task's expert "
+        f"(1/{len(TASKS)} = uninformed)",
+        f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU",
+    ]
+    write_report(
+        output / "report", "MoLA on real tasks: exact match per task", {"cells": cells}, headers, rows, notes
+    )
+    path.write_text((output / "report" / "summary.md").read_text())
 
 
 def main() -> int:
     parser = bench_parser(__doc__, "mola_real", seeds=[0, 1, 2])
     parser.add_argument("--rows", type=int, default=500, help="training rows per task")
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
     args = parser.parse_args()
     if missing():
         return 0
-    scores: dict[str, list[dict[str, float]]] = {}
-    purity: dict[str, list[float]] = {}
-    steps: dict[str, list[int]] = {}
-    eval_rows: dict[str, int] = {}
     for seed in args.seeds:
-        for run in args.runs:
-            overrides, labels = RUNS[run]
-            results = run_once(
-                Path(args.output) / f"seed{seed}" / run,
-                [*data_overrides(args.rows), f"seed={seed}", *overrides],
+        for cell in args.cells:
+            variant, overrides, _ = CELLS[cell]
+            settings = [*data_overrides(args.rows), f"seed={seed}", *overrides]
+            where = f"rows{args.rows}/seed{seed}/{cell}"
+            ledgered(
+                LEDGER / "mola_real" / f"{where}.json",
+                lambda o=Path(args.output) / where, v=variant, s=settings: run_cell(o, v, s),
             )
-            for variant, label in labels.items():
-                scores.setdefault(label, []).append(results["exact_match"][variant])
-                steps.setdefault(label, []).append(results["training"][variant]["steps"])
-                if variant in results.get("gate_purity", {}):
-                    purity.setdefault(label, []).append(results["gate_purity"][variant]["overall"])
-            eval_rows = results.get("eval_rows", eval_rows)
-    headers = ["variant", *TASKS, "overall", "gate purity", "steps"]
-    rows = [
-        [
-            label,
-            *(mean_sd([s[t] for s in runs]) for t in [*TASKS, "overall"]),
-            mean_sd(purity[label]) if label in purity else "-",
-            ", ".join(map(str, steps[label])),
-        ]
-        for label, runs in scores.items()
-    ]
-    command = f"python benchmarks/mola_real.py --seeds {' '.join(map(str, args.seeds))} --rows {args.rows}"
-    notes = [
-        f"command: `{command}`; recipe recipes/real/mola_tasks.yaml (SmolLM2-135M-Instruct, rank 8 "
-        "per adapter, shared LoRA)",
-        f"data (../shared/data): {args.rows} seeded training rows per task (10% of them the "
-        "early-stopping validation split); eval: SST-2 dev (250 sampled), AG News held-out (300 "
-        "sampled), RTE dev (all 277), BoolQ held-out (250 sampled)",
-        f"exact match of the greedy answer with the label word, mean ± sd over seeds {args.seeds}; "
-        "gate purity: mean router gate on the example's own task's expert (1/4 = uninformed)",
-        f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU",
-    ]
-    write_report(
-        Path(args.output) / "report",
-        "MoLA on real tasks: exact match per task",
-        {"rows": rows},
-        headers,
-        rows,
-        notes,
-    )
-    Path(args.table).write_text((Path(args.output) / "report" / "summary.md").read_text())
+            table(args.rows, Path(args.output), Path(args.table))  # after each cell: partial is kept
     return 0
 
 

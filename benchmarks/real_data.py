@@ -7,11 +7,15 @@ Imported by the scripts next to it (`python benchmarks/<name>.py` puts this fold
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+LEDGER = ROOT / "evals" / "results" / "raw"
 
 
 def bench_parser(doc: str | None, name: str, seeds: list[int] | None = None) -> argparse.ArgumentParser:
@@ -37,3 +41,18 @@ def mean_sd(values: list[float]) -> str:
         return "-"
     sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
     return f"{statistics.mean(values):.3f}{sd}"
+
+
+def ledgered(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A benchmark cell's small result, kept under evals/results/raw/ and committed.
+
+    Machines here start empty (runs/ does not survive a session), so a long benchmark keeps each
+    finished cell's numbers in the repository: a later run, on any machine, adds the missing cells
+    instead of redoing the finished ones. Delete a file to measure its cell again.
+    """
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    return result

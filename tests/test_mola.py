@@ -23,12 +23,14 @@ TASKS = ["sentiment", "uppercase", "arithmetic", "reverse_words"]
 
 
 def make_model(
-    variant: str, shared: str = "lora", grouped: bool = True, dropout: float = 0.0
+    variant: str, shared: str = "lora", grouped: bool = True, dropout: float = 0.0, length_buckets: int = 1
 ) -> tuple[MoLAModel, object]:
     torch.manual_seed(0)
     loaded = load_model("tiny-llama")
     lora = LoraSpec(r=4, alpha=8, dropout=dropout, target_modules=["q_proj", "v_proj"])
-    settings = MoLASettings(variant, TASKS, shared=shared, lora=lora, grouped=grouped)
+    settings = MoLASettings(
+        variant, TASKS, shared=shared, lora=lora, grouped=grouped, length_buckets=length_buckets
+    )
     model = MoLAModel(loaded.model, settings)
     with torch.no_grad():  # non-zero B so every expert changes the output
         for name, param in model.named_parameters():
@@ -92,6 +94,36 @@ def test_grouped_grad_matches_the_dense_gated_path():
             torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-5, atol=1e-7)
             checked += 1
     assert checked == 4 * 2 * 2 * 2  # (3 routed experts + shared) x 2 layers x (q, v) x (A, B)
+
+
+@pytest.mark.parametrize(
+    ("variant", "grouped"),
+    [("grad", True), ("grad", False), ("router", True)],
+    ids=["grouped", "dense", "router"],
+)
+def test_length_buckets_give_the_padded_batchs_loss_and_gradients(variant, grouped):
+    """Rows of very different lengths: the bucketed loss (each bucket padded to its own longest row)
+    must equal one padded forward, gradients included; for the router, TwD over the whole batch."""
+    (whole, tokenizer), (bucketed, _) = (
+        make_model(variant, grouped=grouped),
+        make_model(variant, grouped=grouped, length_buckets=3),
+    )
+    batch = batch_for(tokenizer, TASKS, size=8)
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.max() > 1.5 * lengths.min()  # padding to spare
+    losses = [model(**batch).loss for model in (whole, bucketed)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    checked = 0
+    for (name, mine), (_, reference) in zip(
+        bucketed.named_parameters(), whole.named_parameters(), strict=True
+    ):
+        assert (mine.grad is None) == (reference.grad is None), name
+        if reference.grad is not None:
+            torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-4, atol=1e-6)
+            checked += 1
+    assert checked >= 2 * 2 * 2 * 4 + (4 if variant == "router" else 0)  # LoRA A/B, q/v, 2 layers, 4 tasks
 
 
 def test_grouped_grad_gives_an_unrouted_expert_no_gradient_even_with_dropout():

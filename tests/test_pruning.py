@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import yaml
 
+from lmkit.data import load_data
 from lmkit.errors import ConfigError
 from lmkit.loader import load_model
+from lmkit.modeling import eager_attention
 from lmkit.pruning.config import PruneConfig, keep_count
 from lmkit.pruning.llava import PrunedLlava, kept_positions, shrink_placeholders
 from lmkit.pruning.measure import synthetic_images
 from lmkit.pruning.select import example_seeds, padded_positions, select, two_stage
-from lmkit.pruning.text import TextPruneConfig, prune_prompt
+from lmkit.pruning.text import TextPruneConfig, context_span, prune_prompt, score_context
 
 AVAILABLE = 16  # tiny-llava: 32px images, patch 8
 
@@ -204,6 +209,23 @@ def test_text_pruning_keeps_template_and_question_and_cuts_the_context():
         prune_prompt(loaded.model, loaded.tokenizer, "no question here", TextPruneConfig())
 
 
+def test_text_scoring_reads_the_models_own_attention_of_the_question_rows():
+    """The scorer forms only the question's rows; they must equal the rows of the model's own
+    (eager) attention map at that layer, and the context score their head/query mean."""
+    loaded = load_model("tiny-llama")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prompt = "alpha beta gamma delta epsilon zeta eta theta iota kappa\n\nWhich letter comes first?"
+    ids, (start, end) = context_span(tokenizer, prompt, "\n\n")
+    layer = 2
+    with eager_attention(model), torch.inference_mode():
+        reference = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions[layer - 1][0]
+    contribution, patterns = score_context(
+        model, ids, (start, end), TextPruneConfig(score_layers=layer, pool=1)
+    )
+    torch.testing.assert_close(contribution, reference[:, end:, start:end].float().mean(dim=(0, 1)))
+    assert patterns.shape == (end - start, model.config.hidden_size)
+
+
 def test_prune_recipe_reports_agreement_and_flops_per_cell(tmp_path):
     from lmkit.recipes import load_recipe, run_recipe
 
@@ -250,3 +272,66 @@ def test_prune_text_recipe_on_smollm2_keeps_retrieval_working(tmp_path):
     cells = run_recipe(recipe)["cells"]
     assert cells["freepruner_style@0.5"]["prompt_tokens"] < 0.7 * cells["unpruned"]["prompt_tokens"]
     assert cells["unpruned"]["accuracy"] > 0 and cells["unpruned"]["answer_match"] == 1.0
+
+
+def test_prune_text_choose_answers_with_the_label_words_own_logits(tmp_path):
+    """`answer: choose` picks, per prompt, the label whose first tokens score highest after the
+    (pruned) prompt; accuracy and agreement follow from those choices, read from a plain data file."""
+    from lmkit.pruning.text_recipe import choice_tokens, choose
+    from lmkit.recipes import load_recipe, run_recipe
+
+    rows = [
+        {
+            "doc": f"note {i}: the lamp is {'on' if i % 2 else 'off'} today and the door is shut",
+            "answer": i % 2,
+        }
+        for i in range(4)
+    ]
+    for name in ["train.jsonl", "eval.jsonl"]:  # prune_text reads only the eval split
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = {
+        "task": "lamp",
+        "source": str(tmp_path / "train.jsonl"),
+        "columns": {"target": "answer"},
+        "label_names": {0: "no", 1: "yes"},
+        "template": "{{ doc }}\n\nIs the lamp on? Answer yes or no.",
+        "eval": {"source": str(tmp_path / "eval.jsonl")},
+    }
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(
+        yaml.safe_dump(
+            {
+                "method": "prune_text",
+                "model": {"source": "tiny-llama"},
+                "data": {"sources": [source]},
+                "output_dir": str(tmp_path / "run"),
+                "settings": {"score_layers": 2},
+                "answer": "choose",
+                "keeps": [0.5],
+                "timing_prompts": 1,
+                "timing_repeats": 1,
+            }
+        )
+    )
+    recipe = load_recipe(recipe_file, [])
+    cells = run_recipe(recipe)["cells"]
+    loaded = load_model("tiny-llama")
+    _, examples = load_data(recipe.data)
+    full = [
+        prune_prompt(loaded.model, loaded.tokenizer, e["input"], TextPruneConfig(method="none"))
+        for e in examples
+    ]
+    expected = choose(
+        loaded.model,
+        [p.input_ids for p in full],
+        ["no", "yes"],
+        choice_tokens(loaded.tokenizer, ["no", "yes"]),
+    )
+    assert cells["unpruned"]["answers"] == expected
+    assert cells["unpruned"]["accuracy"] == sum(
+        a == e["target"] for a, e in zip(expected, examples, strict=True)
+    ) / len(examples)
+    for cell in cells.values():
+        assert set(cell["answers"]) <= {"yes", "no"} and 0 <= cell["answer_match"] <= 1
+    with pytest.raises(ConfigError, match="starts with the same token"):
+        choice_tokens(loaded.tokenizer, ["yes", "yes please"])

@@ -47,6 +47,12 @@ class MoLASection(StrictModel):
         0.1, ge=0, description="task-wise decorrelation loss weight (reference code: 0.1)"
     )
     twd_temperature: float = Field(1.0, gt=0)
+    length_buckets: int = Field(
+        1,
+        ge=1,
+        description="compute each training batch's loss over this many groups of similar length, each "
+        "padded to its own longest row: the same loss and gradients with less padding (mixed-length data)",
+    )
     max_new_tokens: int = Field(12, gt=0)
     generate_batch_size: int = Field(16, gt=0)
 
@@ -65,6 +71,7 @@ def _settings(section: MoLASection, variant: VariantName, tasks: list[str]) -> M
         "router_hidden": section.router_hidden,
         "twd_weight": section.twd_weight,
         "twd_temperature": section.twd_temperature,
+        "length_buckets": section.length_buckets,
     }
     if variant == "single_lora":  # one adapter, every sample routed to it
         return MoLASettings("grad", ["all"], shared="none", **common)

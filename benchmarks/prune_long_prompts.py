@@ -1,0 +1,255 @@
+"""Long-prompt pruning on real inputs: a BoolQ passage or an AG News article hidden among distractors.
+
+Each prompt is one target document among others of its kind (other BoolQ passages, other AG News
+articles), shuffled, to about --lengths tokens, then a question only the target answers:
+- BoolQ: "Question: <question>? Answer yes or no."
+- AG News: 'What is the topic of the article "<title>"? Answer world, sports, business or technology.'
+Half the prompts are of each kind, interleaved. Answers are chosen by the next-token logit of the
+label words after the chat-formatted prompt (`answer: choose`), one prefill per prompt.
+
+Cells (each a pruning config at one length) go to evals/results/raw/prune_long_prompts/, committed,
+so the table grows across machines; prefill timing is one interleaved run per length (--timing).
+
+    python benchmarks/prune_long_prompts.py [--lengths 2048 1024 4096] [--keeps 0.5 0.75 0.25]
+        [--prompts 200] [--cheap-layers 4] [--sweep] [--timing]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import random
+import statistics
+from pathlib import Path
+from typing import Any
+
+from real_data import DATA, LEDGER, bench_parser, ledgered, missing
+
+from lmkit.loader import ModelSpec, load_model
+from lmkit.pruning.text import TextPruneConfig
+from lmkit.pruning.text_recipe import measure_cells, time_cells
+from lmkit.report import markdown_table, write_report
+
+TOPICS = {1: "world", 2: "sports", 3: "business", 4: "technology"}
+TOPIC_CHOICES = "Answer world, sports, business or technology."
+KEPT = LEDGER / "prune_long_prompts"
+
+
+def documents() -> dict[str, list[dict[str, Any]]]:
+    read = lambda name: [json.loads(line) for line in (DATA / name).open()]  # noqa: E731
+    boolq = [
+        {
+            "doc": r["passage"],
+            "question": f"Question: {r['question']}? Answer yes or no.",
+            "target": "yes" if r["answer"] in (True, "True") else "no",
+        }
+        for r in read("boolq_eraser_val.jsonl")
+    ]
+    news = [
+        {
+            "doc": r["text"],
+            "question": f'What is the topic of the article "{r["title"]}"? {TOPIC_CHOICES}',
+            "target": TOPICS[int(r["label"])],
+        }
+        for r in read("ag_news_test.jsonl")
+    ]
+    return {"boolq": boolq, "ag_news": news}
+
+
+def build_prompts(tokenizer, length: int, count: int, seed: int) -> list[dict[str, Any]]:
+    """`count` prompts of about `length` tokens, alternating BoolQ and AG News, seeded."""
+    rng = random.Random(f"{seed}-{length}")
+    pools = documents()
+    sizes: dict[str, int] = {}
+
+    def tokens(text: str) -> int:
+        if text not in sizes:
+            sizes[text] = len(tokenizer(text, add_special_tokens=False).input_ids) + 1
+        return sizes[text]
+
+    prompts = []
+    for i in range(count):
+        task = ["boolq", "ag_news"][i % 2]
+        pool = pools[task]
+        target = rng.choice(pool)
+        docs, total = [target["doc"]], tokens(target["doc"]) + tokens(target["question"]) + 30
+        while total < length:
+            other = rng.choice(pool)
+            if other["doc"] not in docs:
+                docs.append(other["doc"])
+                total += tokens(other["doc"])
+        rng.shuffle(docs)
+        prompts.append(
+            {
+                "task": task,
+                "input": "\n\n".join(docs) + "\n\n" + target["question"],
+                "target": target["target"],
+            }
+        )
+    return prompts
+
+
+def fingerprint(prompts: list[dict[str, Any]]) -> str:
+    return hashlib.sha256("\x00".join(p["input"] for p in prompts).encode()).hexdigest()[:16]
+
+
+def configs(keeps: list[float], cheap_layers: int) -> dict[str, TextPruneConfig]:
+    """Named configs, unpruned first, then each method at each keep ratio."""
+    base = TextPruneConfig(seed=0)
+    out = {"unpruned": base.model_copy(update={"method": "none", "keep": 1.0})}
+    for keep in keeps:
+        out[f"two-stage, 8 scoring layers@{keep}"] = base.model_copy(update={"keep": keep})
+        out[f"two-stage, {cheap_layers} scoring layers@{keep}"] = base.model_copy(
+            update={"keep": keep, "score_layers": cheap_layers}
+        )
+        out[f"random@{keep}"] = base.model_copy(update={"method": "random", "keep": keep})
+        out[f"uniform@{keep}"] = base.model_copy(update={"method": "uniform", "keep": keep})
+    return out
+
+
+def sweep_configs(cheap_layers: int) -> dict[str, TextPruneConfig]:
+    """One factor at a time around the default (8 layers, pivotal 0.5, pool 5), at keep 0.5."""
+    base = TextPruneConfig(seed=0, keep=0.5)
+    grid = [{"score_layers": n} for n in sorted({2, cheap_layers, 8, 16})]
+    grid += [{"pivotal_fraction": f} for f in [0.0, 0.25, 0.75, 1.0]]
+    grid += [{"pool": w} for w in [1, 3, 9]]
+    out = {"unpruned": base.model_copy(update={"method": "none", "keep": 1.0})}
+    for change in grid:
+        name = ", ".join(f"{k} {v}" for k, v in change.items())
+        out[f"sweep: {name}@0.5"] = base.model_copy(update=change)
+    return out
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+
+
+def measure(model, tokenizer, prompts, name: str, config: TextPruneConfig, where: Path) -> dict[str, Any]:
+    """One cell (kept in the ledger): answers per prompt, accuracy, mean prompt tokens."""
+    stamp = fingerprint(prompts)  # the prompt set this cell was measured on
+
+    def compute() -> dict[str, Any]:
+        cell = measure_cells(model, tokenizer, prompts, {name: config}, "choose")[name]
+        del cell["answer_match"]  # against itself; the table compares with the unpruned cell
+        return cell | {"prompts": stamp, "config": config.model_dump()}
+
+    cell = ledgered(where / f"{slug(name)}.json", compute)
+    if cell["prompts"] != stamp:
+        raise SystemExit(f"{where / slug(name)}.json was measured on other prompts; delete it to remeasure.")
+    return cell
+
+
+def table_rows(
+    cells: dict[str, dict[str, Any]], prompts: list[dict[str, Any]], timing: dict[str, float]
+) -> list[list[Any]]:
+    reference = cells["unpruned"]["answers"]
+    rows = []
+    for name, cell in cells.items():
+        by_task = {
+            task: statistics.mean(
+                a == p["target"] for a, p in zip(cell["answers"], prompts, strict=True) if p["task"] == task
+            )
+            for task in ["boolq", "ag_news"]
+        }
+        same = statistics.mean(a == b for a, b in zip(cell["answers"], reference, strict=True))
+        speedup = (
+            round(timing["unpruned"] / timing[name], 2) if name in timing and "unpruned" in timing else "-"
+        )
+        method, _, keep = name.rpartition("@") if "@" in name else (name, "", "1.0")
+        rows.append(
+            [
+                method,
+                keep,
+                cell["prompt_tokens"],
+                f"{cell['accuracy']:.3f}",
+                f"{by_task['boolq']:.3f}",
+                f"{by_task['ag_news']:.3f}",
+                f"{same:.3f}",
+                speedup,
+            ]
+        )
+    return rows
+
+
+HEADERS = [
+    "method",
+    "keep",
+    "prompt tokens",
+    "accuracy",
+    "BoolQ",
+    "AG News",
+    "same answer as unpruned",
+    "prefill speed-up",
+]
+
+
+def main() -> int:
+    parser = bench_parser(__doc__, "prune_long_prompts")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 1024, 4096])
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.75, 0.25])
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--cheap-layers", type=int, default=4)
+    parser.add_argument("--sweep", action="store_true", help="the scorer sweep at 2,048 tokens, keep 0.5")
+    parser.add_argument("--sweep-prompts", type=int, default=100)
+    parser.add_argument("--timing", action="store_true", help="time every config side by side per length")
+    parser.add_argument("--timing-prompts", type=int, default=4)
+    parser.add_argument("--timing-repeats", type=int, default=3)
+    args = parser.parse_args()
+    if missing():
+        return 0
+    loaded = load_model(ModelSpec(source="smollm2-135m", dtype="float32"))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    runs = [(f"{n} tokens", n, 0, args.prompts, configs(args.keeps, args.cheap_layers)) for n in args.lengths]
+    if args.sweep:  # on its own prompts (seed 1), so the sweep does not tune on the table's prompts
+        runs.append(
+            ("scorer sweep, 2048 tokens", 2048, 1, args.sweep_prompts, sweep_configs(args.cheap_layers))
+        )
+    sections = []
+    for title, length, seed, count, named in runs:
+        prompts = build_prompts(tokenizer, length, count, seed)
+        where = KEPT / f"{length}_seed{seed}_{count}"
+        # the keep-0.5 cells first: they answer the headline question soonest
+        order = sorted(named, key=lambda n: (n != "unpruned", not n.endswith("@0.5")))
+        cells = {name: measure(model, tokenizer, prompts, name, named[name], where) for name in order}
+        timing_file = where / "timing.json"
+        if args.timing:
+            timed = [p["input"] for p in prompts[: args.timing_prompts]]
+            seconds = time_cells(model, tokenizer, timed, {n: named[n] for n in order}, args.timing_repeats)
+            timing_file.write_text(json.dumps(seconds, indent=1) + "\n")
+        timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+        rows = table_rows({n: cells[n] for n in named}, prompts, timing)
+        sections.append((title, count, rows))
+    notes = [
+        "command: `python benchmarks/prune_long_prompts.py "
+        f"--lengths {' '.join(map(str, args.lengths))} --keeps {' '.join(map(str, args.keeps))} --prompts "
+        f"{args.prompts} --cheap-layers {args.cheap_layers}{' --sweep' if args.sweep else ''} --timing`; "
+        "cells kept in evals/results/raw/prune_long_prompts/<length>_seed<S>_<prompts>/",
+        "model: SmolLM2-135M-Instruct (embedded, float32, transformers), chat template; the context "
+        "(all documents) is pruned, the template and question never",
+        "data (../shared/data): BoolQ passages (boolq_eraser_val.jsonl) and AG News articles "
+        "(ag_news_test.jsonl), half the prompts each; each prompt is one target document among "
+        "distractors of its kind, seeded per length",
+        "accuracy: the label word (yes/no; world/sports/business/technology) whose first token gets the "
+        "highest next-token logit equals the gold one; same answer: that choice equals the unpruned one",
+        "two-stage = lmkit's freePruner-style selection (pivotal: the question's attention at the scoring "
+        "layer, max-pooled over 5 tokens; complementary: coverage of the hidden states; pivotal fraction "
+        "0.5); random: one seeded subset per prompt; uniform: evenly spaced",
+        f"prefill speed-up: unpruned prefill time / (scoring + pruned prefill) time, median of "
+        f"{args.timing_repeats} interleaved rounds over the first {args.timing_prompts} prompts, one run",
+        f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU",
+    ]
+    text = "# Long-prompt pruning on real inputs (SmolLM2-135M)\n"
+    for title, count, rows in sections:
+        text += f"\n## {title} ({count} prompts)\n\n" + markdown_table(HEADERS, rows) + "\n"
+    text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    write_report(
+        Path(args.output), "Long-prompt pruning on real inputs", {"sections": sections}, HEADERS, [], notes
+    )
+    Path(args.table).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
