@@ -11,7 +11,7 @@ Cells (each a pruning config at one length) go to evals/results/raw/prune_long_p
 so the table grows across machines; prefill timing is one interleaved run per length (--timing).
 
     python benchmarks/prune_long_prompts.py [--lengths 2048 1024 4096] [--keeps 0.5 0.75 0.25]
-        [--prompts 200] [--cheap-layers 4] [--sweep] [--timing]
+        [--prompts 200] [--scorer-layers 8 4 2] [--sweep] [--timing]
 """
 
 from __future__ import annotations
@@ -20,23 +20,28 @@ import hashlib
 import json
 import platform
 import random
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
-from real_data import DATA, LEDGER, bench_parser, ledgered, missing
+from real_data import DATA, LEDGER, ROOT, bench_parser, ledgered, missing
 
-from lmkit.loader import ModelSpec, load_model
+from lmkit.loader import AdapterSpec, ModelSpec, load_model
 from lmkit.pruning.text import TextPruneConfig
 from lmkit.pruning.text_recipe import measure_cells, time_cells
+from lmkit.recipes import load_recipe, run_recipe
 from lmkit.report import markdown_table, write_report
 
 TOPICS = {1: "world", 2: "sports", 3: "business", 4: "technology"}
+TRAIN_ROWS = 600  # per source, for the task model; the prompts ask about the other rows only
 TOPIC_CHOICES = "Answer world, sports, business or technology."
 KEPT = LEDGER / "prune_long_prompts"
 
 
-def documents() -> dict[str, list[dict[str, Any]]]:
+def documents() -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Per source, {"train": rows the task model learns from, "test": rows the prompts ask about},
+    a seeded split (BoolQ and AG News have one usable split each here)."""
     read = lambda name: [json.loads(line) for line in (DATA / name).open()]  # noqa: E731
     boolq = [
         {
@@ -54,7 +59,11 @@ def documents() -> dict[str, list[dict[str, Any]]]:
         }
         for r in read("ag_news_test.jsonl")
     ]
-    return {"boolq": boolq, "ag_news": news}
+    split = {}
+    for name, rows in [("boolq", boolq), ("ag_news", news)]:
+        random.Random(f"split-{name}").shuffle(rows)
+        split[name] = {"train": rows[:TRAIN_ROWS], "test": rows[TRAIN_ROWS:]}
+    return split
 
 
 def build_prompts(tokenizer, length: int, count: int, seed: int) -> list[dict[str, Any]]:
@@ -71,7 +80,7 @@ def build_prompts(tokenizer, length: int, count: int, seed: int) -> list[dict[st
     prompts = []
     for i in range(count):
         task = ["boolq", "ag_news"][i % 2]
-        pool = pools[task]
+        pool = pools[task]["test"]
         target = rng.choice(pool)
         docs, total = [target["doc"]], tokens(target["doc"]) + tokens(target["question"]) + 30
         while total < length:
@@ -90,28 +99,69 @@ def build_prompts(tokenizer, length: int, count: int, seed: int) -> list[dict[st
     return prompts
 
 
+def training_rows(count: int, seed: int) -> list[dict[str, str]]:
+    """The task model's data: a target document alone or with one distractor, then its question."""
+    rng = random.Random(f"train-{seed}")
+    pools = documents()
+    rows = []
+    for i in range(count):
+        pool = pools[["boolq", "ag_news"][i % 2]]["train"]
+        target = rng.choice(pool)
+        docs = [target["doc"]] + ([rng.choice(pool)["doc"]] if rng.random() < 0.5 else [])
+        rng.shuffle(docs)
+        rows.append({"input": "\n\n".join(docs) + "\n\n" + target["question"], "target": target["target"]})
+    return rows
+
+
+def task_model(output: Path) -> Path:
+    """A LoRA that does the two tasks (SmolLM2-135M zero-shot answers 'world' to every article), so
+    pruning is judged on a model whose answers depend on the document. Trained once with lmkit's
+    lora recipe and kept (1.8 MB) with the cells measured on it."""
+    kept = KEPT / "task_adapter"
+    if (kept / "adapter_model.safetensors").is_file():
+        return kept
+    data = output / "task_model_data"
+    data.mkdir(parents=True, exist_ok=True)
+    rows = training_rows(TRAIN_ROWS * 2 + 200, seed=0)
+    for name, part in [("train", rows[:-200]), ("eval", rows[-200:])]:
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    recipe = load_recipe(
+        ROOT / "recipes" / "real" / "lora_long_prompts.yaml",
+        [
+            f"data.sources[0].source={data / 'train.jsonl'}",
+            f"data.sources[0].eval.source={data / 'eval.jsonl'}",
+            f"output_dir={output / 'task_model'}",
+        ],
+    )
+    results = run_recipe(recipe, resume=True)
+    shutil.copytree(Path(results["adapter"]), kept)
+    about = {"training": results["training"], "exact_match_on_200_short_rows": results["exact_match_adapted"]}
+    (kept / "training.json").write_text(json.dumps(about, indent=1) + "\n")
+    return kept
+
+
 def fingerprint(prompts: list[dict[str, Any]]) -> str:
     return hashlib.sha256("\x00".join(p["input"] for p in prompts).encode()).hexdigest()[:16]
 
 
-def configs(keeps: list[float], cheap_layers: int) -> dict[str, TextPruneConfig]:
+def configs(keeps: list[float], scorer_layers: list[int]) -> dict[str, TextPruneConfig]:
     """Named configs, unpruned first, then each method at each keep ratio."""
     base = TextPruneConfig(seed=0)
     out = {"unpruned": base.model_copy(update={"method": "none", "keep": 1.0})}
     for keep in keeps:
-        out[f"two-stage, 8 scoring layers@{keep}"] = base.model_copy(update={"keep": keep})
-        out[f"two-stage, {cheap_layers} scoring layers@{keep}"] = base.model_copy(
-            update={"keep": keep, "score_layers": cheap_layers}
-        )
+        for layers in scorer_layers:
+            out[f"two-stage, {layers} scoring layers@{keep}"] = base.model_copy(
+                update={"keep": keep, "score_layers": layers}
+            )
         out[f"random@{keep}"] = base.model_copy(update={"method": "random", "keep": keep})
         out[f"uniform@{keep}"] = base.model_copy(update={"method": "uniform", "keep": keep})
     return out
 
 
-def sweep_configs(cheap_layers: int) -> dict[str, TextPruneConfig]:
+def sweep_configs() -> dict[str, TextPruneConfig]:
     """One factor at a time around the default (8 layers, pivotal 0.5, pool 5), at keep 0.5."""
     base = TextPruneConfig(seed=0, keep=0.5)
-    grid = [{"score_layers": n} for n in sorted({2, cheap_layers, 8, 16})]
+    grid = [{"score_layers": n} for n in [1, 2, 4, 8, 16]]
     grid += [{"pivotal_fraction": f} for f in [0.0, 0.25, 0.75, 1.0]]
     grid += [{"pool": w} for w in [1, 3, 9]]
     out = {"unpruned": base.model_copy(update={"method": "none", "keep": 1.0})}
@@ -125,9 +175,11 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
 
 
-def measure(model, tokenizer, prompts, name: str, config: TextPruneConfig, where: Path) -> dict[str, Any]:
+def measure(
+    model, tokenizer, prompts, adapter: str, name: str, config: TextPruneConfig, where: Path
+) -> dict[str, Any]:
     """One cell (kept in the ledger): answers per prompt, accuracy, mean prompt tokens."""
-    stamp = fingerprint(prompts)  # the prompt set this cell was measured on
+    stamp = f"{fingerprint(prompts)}-{adapter}"  # the prompts and the task model it was measured on
 
     def compute() -> dict[str, Any]:
         cell = measure_cells(model, tokenizer, prompts, {name: config}, "choose")[name]
@@ -136,7 +188,10 @@ def measure(model, tokenizer, prompts, name: str, config: TextPruneConfig, where
 
     cell = ledgered(where / f"{slug(name)}.json", compute)
     if cell["prompts"] != stamp:
-        raise SystemExit(f"{where / slug(name)}.json was measured on other prompts; delete it to remeasure.")
+        raise SystemExit(
+            f"{where / slug(name)}.json was measured on other prompts or another task model; delete it to "
+            "measure it again."
+        )
     return cell
 
 
@@ -189,7 +244,9 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 1024, 4096])
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.75, 0.25])
     parser.add_argument("--prompts", type=int, default=200)
-    parser.add_argument("--cheap-layers", type=int, default=4)
+    parser.add_argument(
+        "--scorer-layers", type=int, nargs="+", default=[8, 4, 2], help="two-stage rows: layers read to score"
+    )
     parser.add_argument("--sweep", action="store_true", help="the scorer sweep at 2,048 tokens, keep 0.5")
     parser.add_argument("--sweep-prompts", type=int, default=100)
     parser.add_argument("--timing", action="store_true", help="time every config side by side per length")
@@ -198,20 +255,25 @@ def main() -> int:
     args = parser.parse_args()
     if missing():
         return 0
-    loaded = load_model(ModelSpec(source="smollm2-135m", dtype="float32"))
-    model, tokenizer = loaded.model, loaded.tokenizer
-    runs = [(f"{n} tokens", n, 0, args.prompts, configs(args.keeps, args.cheap_layers)) for n in args.lengths]
+    adapter = task_model(Path(args.output))
+    spec = ModelSpec(
+        source="smollm2-135m", dtype="float32", adapters=[AdapterSpec(name="task", path=adapter)]
+    )
+    loaded = load_model(spec)
+    model, tokenizer = loaded.model.merge_and_unload(), loaded.tokenizer  # merged, as a user serves it
+    stamp = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+    runs = [
+        (f"{n} tokens", n, 0, args.prompts, configs(args.keeps, args.scorer_layers)) for n in args.lengths
+    ]
     if args.sweep:  # on its own prompts (seed 1), so the sweep does not tune on the table's prompts
-        runs.append(
-            ("scorer sweep, 2048 tokens", 2048, 1, args.sweep_prompts, sweep_configs(args.cheap_layers))
-        )
+        runs.append(("scorer sweep, 2048 tokens", 2048, 1, args.sweep_prompts, sweep_configs()))
     sections = []
     for title, length, seed, count, named in runs:
         prompts = build_prompts(tokenizer, length, count, seed)
         where = KEPT / f"{length}_seed{seed}_{count}"
         # the keep-0.5 cells first: they answer the headline question soonest
         order = sorted(named, key=lambda n: (n != "unpruned", not n.endswith("@0.5")))
-        cells = {name: measure(model, tokenizer, prompts, name, named[name], where) for name in order}
+        cells = {name: measure(model, tokenizer, prompts, stamp, name, named[name], where) for name in order}
         timing_file = where / "timing.json"
         if args.timing:
             timed = [p["input"] for p in prompts[: args.timing_prompts]]
@@ -220,13 +282,18 @@ def main() -> int:
         timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
         rows = table_rows({n: cells[n] for n in named}, prompts, timing)
         sections.append((title, count, rows))
+    about = json.dumps(json.loads((adapter / "training.json").read_text()))
     notes = [
         "command: `python benchmarks/prune_long_prompts.py "
         f"--lengths {' '.join(map(str, args.lengths))} --keeps {' '.join(map(str, args.keeps))} --prompts "
-        f"{args.prompts} --cheap-layers {args.cheap_layers}{' --sweep' if args.sweep else ''} --timing`; "
+        f"{args.prompts} --scorer-layers {' '.join(map(str, args.scorer_layers))}"
+        f"{' --sweep' if args.sweep else ''} --timing`; "
         "cells kept in evals/results/raw/prune_long_prompts/<length>_seed<S>_<prompts>/",
-        "model: SmolLM2-135M-Instruct (embedded, float32, transformers), chat template; the context "
-        "(all documents) is pruned, the template and question never",
+        "model: SmolLM2-135M-Instruct (embedded, float32, transformers, chat template) + the task LoRA "
+        "(r8 on q/v, merged; recipes/real/lora_long_prompts.yaml) trained on 1,200 prompts of one "
+        "document alone or beside one distractor, from rows the long prompts never ask about; its "
+        f"training and short-prompt accuracy: {about}",
+        "pruned: the context (all documents); the template and the question never are",
         "data (../shared/data): BoolQ passages (boolq_eraser_val.jsonl) and AG News articles "
         "(ag_news_test.jsonl), half the prompts each; each prompt is one target document among "
         "distractors of its kind, seeded per length",
