@@ -4,13 +4,15 @@ that the loader and the pruning wrapper take unchanged."""
 from __future__ import annotations
 
 import json
+import random
 
 import torch
 
 from lmkit.loader import load_model
 from lmkit.pruning.config import PruneConfig
 from lmkit.pruning.llava import PrunedLlava
-from lmkit.pruning.tiny_vlm import prompt
+from lmkit.pruning.scenes import COLOURS, SHAPES, make_scene
+from lmkit.pruning.tiny_vlm import _anchor_targets, _word_vectors, prompt
 from lmkit.pruning.vlm_recipe import held_out
 from lmkit.recipes import load_recipe, run_recipe
 
@@ -22,6 +24,7 @@ TINY_VLM = [
     "vlm.lm_layers=1",
     "vlm.lora.r=4",
     "vlm.vision_stage={steps: 3, batch_size: 4, lr: 1.0e-3}",
+    "vlm.anchor_stage={steps: 10, batch_size: 2, lr: 1.0e-3}",
     "vlm.align_stage={steps: 2, batch_size: 2, lr: 1.0e-3}",
     "vlm.eval_questions=6",
 ]
@@ -31,6 +34,7 @@ def test_train_vlm_recipe_saves_a_llava_dir_the_loader_and_pruning_take(tmp_path
     recipe = load_recipe("recipes/train_tiny_vlm.yaml", [*TINY_VLM, f"output_dir={tmp_path}"])
     results = run_recipe(recipe)
     assert set(results["accuracy"]) >= {"all"} and 0 <= results["accuracy"]["all"] <= 1
+    assert results["anchor_loss"]["last"] < results["anchor_loss"]["first"]  # the projector learned
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["model_type"] == "llava" and config["text_config"]["num_hidden_layers"] == 1
     loaded = load_model({"source": str(tmp_path / "model")})
@@ -46,3 +50,25 @@ def test_train_vlm_recipe_saves_a_llava_dir_the_loader_and_pruning_take(tmp_path
     assert logits.shape[0] == 1 and torch.isfinite(logits).all()
     rerun = run_recipe(recipe, resume=True)  # a saved model is reused, only re-scored
     assert rerun["accuracy"] == results["accuracy"]
+
+
+def test_anchor_targets_put_each_objects_words_on_its_patches():
+    torch.manual_seed(0)
+    words = {w: torch.randn(8) for w in [*COLOURS, *SHAPES, "left", "right", "background"]}
+    scene = make_scene(random.Random(0), 56, 14)
+    targets = _anchor_targets([scene], words)[0]
+    masks = [torch.from_numpy(o.patches.reshape(-1)) for o in scene.objects]
+    owners = torch.stack(masks).sum(0)
+    checked = 0
+    for obj, mask in zip(scene.objects, masks, strict=True):
+        side = "left" if obj.center[0] < scene.image.width / 2 else "right"
+        expected = (words[obj.colour] + words[obj.shape] + words[side]) / 3
+        for patch in (mask & (owners == 1)).nonzero()[:, 0]:  # patches of this object alone
+            torch.testing.assert_close(targets[patch], expected)
+            checked += 1
+    assert checked > 0
+    background = owners == 0
+    torch.testing.assert_close(targets[background], words["background"].expand(int(background.sum()), 8))
+    loaded = load_model("tiny-llama")
+    vectors = _word_vectors(loaded.model, loaded.tokenizer, ["red", "left"])
+    assert vectors["red"].shape == (loaded.model.config.hidden_size,)

@@ -1,10 +1,13 @@
 """A small LLaVA-family model trained here, so that pruning is measured where attention means
 something (no trained vision-language weights can be downloaded on lmkit's machines).
 
-Two stages fit a CPU budget:
+The stages fit a CPU budget:
 1. The CLIP-style vision tower (with [CLS]) learns the scenes alone, without the LM: each patch of
    the feature layer the LM reads names the object under it (or background), and [CLS] names which
    (colour, shape) objects the scene holds. Cheap, and it makes [CLS] attention look at objects.
+1b. (`anchor_stage`) The projector alone learns to place each object patch near the LM's input
+   embeddings of its colour, shape and side words: LLaVA's projector-only alignment stage, with
+   word targets instead of captions, so it needs no LM forward.
 2. The projector and a LoRA on the (layer-truncated) language model learn to answer questions about
    the scenes, the tower frozen. The LoRA is merged, so the result is an ordinary transformers
    `LlavaForConditionalGeneration` directory that the loader, the pruning wrapper and the vLLM
@@ -121,6 +124,56 @@ def assemble(config: TinyVLMConfig, tower: CLIPVisionModel, lm, tokenizer) -> tu
         chat_template=tokenizer.chat_template,
     )
     return model.eval(), processor
+
+
+def _word_vectors(model: Llava, tokenizer, words: list[str]) -> dict[str, torch.Tensor]:
+    """The LM's input embedding of each word as it appears mid-sentence (mean over its tokens)."""
+    table = model.get_input_embeddings().weight.detach()
+    return {w: table[tokenizer(" " + w, add_special_tokens=False).input_ids].mean(0) for w in words}
+
+
+def _anchor_targets(scenes: list[Scene], words: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[n, grid^2, d]: per patch, the mean vector of its object's colour, shape and side words
+    (side as the questions define it: the object's centre in the left or right half), else
+    'background'."""
+    out = []
+    for scene in scenes:
+        target = words["background"].repeat(scene.grid * scene.grid, 1)
+        for obj in scene.objects:
+            side = "left" if obj.center[0] < scene.image.width / 2 else "right"
+            target[obj.patches.reshape(-1)] = (words[obj.colour] + words[obj.shape] + words[side]) / 3
+        out.append(target)
+    return torch.stack(out)
+
+
+def anchor_projector(
+    config: TinyVLMConfig, model: Llava, processor: LlavaProcessor, seed: int
+) -> list[float]:
+    """Stage 1b (LLaVA's projector-only alignment, cheapened): the projector alone learns to map each
+    object patch near the LM's embeddings of its colour, shape and side words, background patches
+    near 'background'. No LM forward, so it costs little; stage 2 then starts from patches that
+    already resemble the question words that ask about them. Returns the loss per step."""
+    stage = config.anchor_stage
+    if stage is None:
+        return []
+    words = _word_vectors(model, processor.tokenizer, [*COLOURS, *SHAPES, "left", "right", "background"])
+    projector, tower = model.model.multi_modal_projector, model.model.vision_tower
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=stage.lr)
+    rng, losses = random.Random(f"anchor:{seed}"), []
+    projector.train()
+    for _ in track(range(stage.steps), description="tiny VLM: projector anchoring"):
+        scenes = [make_scene(rng, config.image_size, config.patch_size) for _ in range(stage.batch_size)]
+        pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt").pixel_values
+        with torch.no_grad():
+            features = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[
+                config.feature_layer
+            ]
+        loss = F.mse_loss(projector(features[:, 1:]), _anchor_targets(scenes, words))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    return losses
 
 
 def prompt(processor: LlavaProcessor, question: str) -> str:

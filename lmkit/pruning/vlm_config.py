@@ -33,5 +33,10 @@ class TinyVLMConfig(StrictModel):
     lm_layers: int | None = Field(4, gt=0, description="keep the first N LM layers; unset: all")
     lora: LoraSpec = Field(default_factory=lambda: LoraSpec(r=16, alpha=32, dropout=0.0))
     vision_stage: StageSpec = Field(default_factory=lambda: StageSpec(steps=900, batch_size=32, lr=1e-3))
+    anchor_stage: StageSpec | None = Field(
+        None,
+        description="projector-only warm-up before align_stage: object patches mapped near the LM's "
+        "embeddings of their colour, shape and side words (no LM forward); unset: none",
+    )
     align_stage: StageSpec = Field(default_factory=lambda: StageSpec(steps=600, batch_size=8, lr=5e-4))
     eval_questions: int = Field(500, gt=0, description="held-out scenes and questions")

@@ -4,15 +4,16 @@ against always answering the most common answer of that kind."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from typing import Any, Literal
 
 from pydantic import Field
 
-from lmkit.io import write_dir_atomic
+from lmkit.io import write_dir_atomic, write_json_atomic
 from lmkit.loader import load_model
-from lmkit.pruning.tiny_vlm import align, answers, assemble, draw_scenes, pretrain_vision
+from lmkit.pruning.tiny_vlm import align, anchor_projector, answers, assemble, draw_scenes, pretrain_vision
 from lmkit.pruning.vlm_config import TinyVLMConfig
 from lmkit.recipes import Method, Recipe
 from lmkit.report import write_report
@@ -36,6 +37,11 @@ def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
         tower = pretrain_vision(config, recipe.seed)
         lm = load_model(config.lm)
         model, processor = assemble(config, tower, lm.model, lm.tokenizer)
+        anchoring = anchor_projector(config, model, processor, recipe.seed)
+        if anchoring:
+            write_json_atomic(
+                recipe.output_dir / "anchor_loss.json", {"first": anchoring[0], "last": anchoring[-1]}
+            )
         model = align(config, model, processor, recipe.seed)
 
         def fill(tmp):
@@ -60,8 +66,10 @@ def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
     hits = sum(gold == answer for pairs in by_kind.values() for gold, answer in pairs)
     majority = sum(majority_hits(pairs) for pairs in by_kind.values())  # each kind's most common answer
     rows.append(["all", len(items), round(hits / len(items), 4), round(majority / len(items), 4)])
+    anchor_file = recipe.output_dir / "anchor_loss.json"
     results = {
         "model_dir": str(target),
+        "anchor_loss": json.loads(anchor_file.read_text()) if anchor_file.is_file() else None,
         "accuracy": {r[0]: r[2] for r in rows},
         "majority": {r[0]: r[3] for r in rows},
     }
