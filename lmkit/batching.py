@@ -55,6 +55,6 @@ def bucketed_loss(
         tokens = predicted[rows].sum()
         if tokens == 0:
             continue
-        sub = {key: value[rows, :width] for key, value in batch.items()}
+        sub = {key: value[rows, :width] if value.dim() > 1 else value[rows] for key, value in batch.items()}
         loss = loss + forward(rows, sub) * (tokens / total)
     return loss

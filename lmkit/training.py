@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_scheduler
 
+from lmkit.batching import bucketed_loss
 from lmkit.config import StrictModel
 from lmkit.early_stopping import EarlyStopping, Validator, split_validation
 from lmkit.errors import LmkitError
@@ -47,6 +48,12 @@ class TrainConfig(StrictModel):
     save_every: int = Field(20, gt=0, description="checkpoint every N steps (and at the end)")
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(5, gt=0)
+    length_buckets: int = Field(
+        1,
+        ge=1,
+        description="compute each batch's loss over this many groups of similar length, each padded "
+        "to its own longest row: the same loss and gradients with less padding (mixed-length data)",
+    )
     seed: int | None = Field(None, description="data order and initialization; unset: the recipe's seed")
     early_stopping: EarlyStopping | None = Field(
         None, description="stop on a validation split's loss and keep the best weights; max_steps caps it"
@@ -193,6 +200,15 @@ class Trainer:
         if self.validator is not None and "validator" in trainer_state:
             self.validator.load_state_dict(trainer_state["validator"])
 
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's training loss; over length buckets when `length_buckets` > 1. A model that
+        buckets its own batches (`buckets_own_batches`, e.g. MoLA: routing sees the whole batch) is
+        told the count and given the whole batch."""
+        buckets = self.config.length_buckets
+        if buckets == 1 or getattr(self.unwrapped, "buckets_own_batches", False):
+            return self.model(**batch).loss
+        return bucketed_loss(lambda rows, sub: self.model(**sub).loss, batch, buckets)
+
     def _validate(self) -> None:
         """Measure the validation loss; keep the weights when they are the best so far."""
         assert self.validator is not None
@@ -248,7 +264,7 @@ class Trainer:
                         )
                         batch = {k: v.to(acc.device) for k, v in batch.items()}
                         with acc.accumulate(self.model):
-                            loss = self.model(**batch).loss
+                            loss = self._loss(batch)
                             acc.backward(loss)
                             if self.before_optimizer_step is not None and acc.sync_gradients:
                                 self.before_optimizer_step()

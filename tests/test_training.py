@@ -169,3 +169,20 @@ def test_validator_counts_measurements_without_improvement():
     assert len(held) == 2 and sorted(r["i"] for r in train + held) == list(range(10))
     with pytest.raises(ConfigError, match="too few to hold out"):
         split_validation([{"i": 0}], 0.2, seed=0)
+
+
+def test_length_buckets_train_the_same_adapter_as_padded_batches(tmp_path):
+    """train.length_buckets computes each batch's loss bucket by bucket (less padding): same loss,
+    same gradients, so 8 steps end on the same weights (dropout off: it would draw other masks)."""
+    weights = {}
+    for buckets in [1, 3]:
+        path = recipe_file(tmp_path, f"b{buckets}", length_buckets=buckets)
+        recipe = load_recipe(path, ["lora.dropout=0.0", "generate.evaluate_base=false"])
+        results = run_recipe(recipe)
+        weights[buckets] = adapter_weights(tmp_path / f"b{buckets}")
+        assert results["training"]["steps"] == 8
+    assert weights[1].keys() == weights[3].keys()
+    for name, value in weights[1].items():
+        torch.testing.assert_close(weights[3][name], value, rtol=1e-4, atol=1e-6)
+    rows = load_data(DataSpec(**TINY_RECIPE["data"]))[0]
+    assert len({len(r["input"]) for r in rows}) > 4  # lengths differ: buckets had padding to save

@@ -37,7 +37,7 @@ class MoLASettings:
     twd_temperature: float = 1.0
     twd_dim: int = 32
     grouped: bool = True  # MoLA-Grad only: each expert runs on its task's rows alone (router: dense)
-    length_buckets: int = 1  # training loss over this many length groups of the batch (less padding)
+    length_buckets: int = 1  # train.length_buckets: the LM loss over length groups (less padding)
 
 
 @dataclass
@@ -81,6 +81,8 @@ def twd_loss(
 
 
 class MoLAModel(nn.Module):
+    buckets_own_batches = True  # the Trainer's length_buckets: routing and TwD need the whole batch
+
     def __init__(self, base: PreTrainedModel, settings: MoLASettings) -> None:
         super().__init__()
         self.settings = settings

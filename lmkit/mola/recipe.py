@@ -7,6 +7,7 @@ for MoLA-Grad and the per-task variants; experts + router for MoLA-Router).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -47,12 +48,6 @@ class MoLASection(StrictModel):
         0.1, ge=0, description="task-wise decorrelation loss weight (reference code: 0.1)"
     )
     twd_temperature: float = Field(1.0, gt=0)
-    length_buckets: int = Field(
-        1,
-        ge=1,
-        description="compute each training batch's loss over this many groups of similar length, each "
-        "padded to its own longest row: the same loss and gradients with less padding (mixed-length data)",
-    )
     max_new_tokens: int = Field(12, gt=0)
     generate_batch_size: int = Field(16, gt=0)
 
@@ -71,7 +66,6 @@ def _settings(section: MoLASection, variant: VariantName, tasks: list[str]) -> M
         "router_hidden": section.router_hidden,
         "twd_weight": section.twd_weight,
         "twd_temperature": section.twd_temperature,
-        "length_buckets": section.length_buckets,
     }
     if variant == "single_lora":  # one adapter, every sample routed to it
         return MoLASettings("grad", ["all"], shared="none", **common)
@@ -120,7 +114,8 @@ def _train_variant(
     (train_examples, train_ids), (eval_examples, eval_ids) = data["train"], data["eval"]
     torch.manual_seed(recipe.seed)
     loaded = load_model(recipe.model)
-    model = MoLAModel(loaded.model, _settings(section, variant, tasks))
+    settings = replace(_settings(section, variant, tasks), length_buckets=recipe.train.length_buckets)
+    model = MoLAModel(loaded.model, settings)
     route = [0] * len(train_ids) if variant == "single_lora" else train_ids
     rows = [
         {**encode_for_training(loaded.tokenizer, e, recipe.train.max_length), "task_id": t}
