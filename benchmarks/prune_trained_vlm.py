@@ -114,7 +114,7 @@ def main() -> int:
     gold = [q.answer for _, q in items]
     base = run_cell(PrunedLlava(loaded.model, PruneConfig(method="none")), tokenizer, inputs)
     available = PrunedLlava(loaded.model, PruneConfig(method="none")).available
-    rows = [["unpruned", available, _acc(base["answers"], gold), 1.0, "-"]]
+    rows = [["unpruned", available, agreement(base["answers"], gold), 1.0, "-"]]
     first_token = _first_token_base(loaded, inputs)
     cells = {}
     for name, settings in track(VARIANTS.items(), description="variants"):
@@ -128,8 +128,8 @@ def main() -> int:
                 [
                     name,
                     keep,
-                    _acc(cell["answers"], gold),
-                    _acc(cell["answers"], reference),
+                    agreement(cell["answers"], gold),
+                    agreement(cell["answers"], reference),
                     "-" if found is None else found,
                 ]
             )
@@ -152,7 +152,8 @@ def main() -> int:
     return 0
 
 
-def _acc(answers: list[str], reference: list[str]) -> float:
+def agreement(answers: list[str], reference: list[str]) -> float:
+    """Share of answers equal to the reference (gold words, or another config's answers)."""
     return round(sum(a == b for a, b in zip(answers, reference, strict=True)) / len(reference), 4)
 
 
