@@ -298,7 +298,8 @@ def main() -> int:
         "(ag_news_test.jsonl), half the prompts each; each prompt is one target document among "
         "distractors of its kind, seeded per length",
         "accuracy: the label word (yes/no; world/sports/business/technology) whose first token gets the "
-        "highest next-token logit equals the gold one; same answer: that choice equals the unpruned one",
+        "highest next-token logit equals the gold one, among all six label words (an answer of the other "
+        "task's kind counts as wrong); same answer: that choice equals the unpruned one",
         "two-stage = lmkit's freePruner-style selection (pivotal: the question's attention at the scoring "
         "layer, max-pooled over 5 tokens; complementary: coverage of the hidden states; pivotal fraction "
         "0.5); random: one seeded subset per prompt; uniform: evenly spaced",
