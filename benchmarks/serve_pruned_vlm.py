@@ -73,7 +73,8 @@ def ask(base_url: str, image_url: str, question: str) -> dict[str, Any]:
             if delta and first is None:
                 first = time.perf_counter() - start
             text += delta
-    return {"answer": (text.split() or [""])[0].strip(".,!?").lower(), "ttft": first or 0.0}
+    ttft = first if first is not None else time.perf_counter() - start  # an empty reply: its whole time
+    return {"answer": (text.split() or [""])[0].strip(".,!?").lower(), "ttft": ttft}
 
 
 def serve_and_ask(model: Path, prune: PruneConfig | None, items, concurrency: int, log: Path) -> dict:
