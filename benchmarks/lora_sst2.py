@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 from pathlib import Path
 from typing import Any
 
 import yaml
+from real_data import wilson
 
 from lmkit.evals.config import load_suite
 from lmkit.evals.runner import run_suite
@@ -45,12 +45,6 @@ HEADERS = [
     "train tok/s",
     "model MB",
 ]
-
-
-def wilson(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from real_data import paired_difference, wilson
 from rich.progress import track
 
 from lmkit.loader import load_model
@@ -112,23 +114,28 @@ def main() -> int:
     inputs = batches(loaded.processor, items, args.batch_size)
     tokenizer = loaded.processor.tokenizer
     gold = [q.answer for _, q in items]
+    kinds = sorted({q.kind for _, q in items})
     base = run_cell(PrunedLlava(loaded.model, PruneConfig(method="none")), tokenizer, inputs)
     available = PrunedLlava(loaded.model, PruneConfig(method="none")).available
-    rows = [["unpruned", available, agreement(base["answers"], gold), 1.0, "-"]]
+    rows = [["unpruned", available, *score(items, base["answers"], kinds), "-", 1.0, "-"]]
     first_token = _first_token_base(loaded, inputs)
     cells = {}
     for name, settings in track(VARIANTS.items(), description="variants"):
         for keep in args.keeps:
             config = PruneConfig(keep=keep, seed=recipe.seed, fastv_layer=args.fastv_layer, **settings)
-            cell = run_cell(PrunedLlava(loaded.model, config), tokenizer, inputs)
-            cells[f"{name}@{keep}"] = cell
+            cells[f"{name}@{keep}"] = run_cell(PrunedLlava(loaded.model, config), tokenizer, inputs)
+    for name, settings in VARIANTS.items():
+        for keep in args.keeps:
+            cell = cells[f"{name}@{keep}"]
             reference = base["answers"] if settings["method"] != "fastv" else first_token
             found = recall(items, cell["kept"]) if cell["kept"] else None
+            versus = "-" if settings["method"] == "random" else vs(cell, cells[f"random@{keep}"], gold)
             rows.append(
                 [
                     name,
                     keep,
-                    agreement(cell["answers"], gold),
+                    *score(items, cell["answers"], kinds),
+                    versus,
                     agreement(cell["answers"], reference),
                     "-" if found is None else found,
                 ]
@@ -144,12 +151,40 @@ def main() -> int:
         "an object when >= 10% of its pixels do)",
         f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU",
     ]
-    headers = ["method", "kept tokens", "accuracy", "agreement with unpruned", "patch recall"]
-    write_report(
-        args.output, "Token pruning on the tiny VLM trained here", {"rows": rows}, headers, rows, notes
+    notes.insert(
+        2,
+        "accuracy [95% Wilson interval]; vs random: accuracy minus random's at the same budget on the same "
+        "questions, mean ± 95% paired interval (FastV's first-token answers against random's first word)",
     )
+    headers = ["method", "kept tokens", "accuracy [95% CI]", *kinds, "vs random (paired)"]
+    headers += ["agreement with unpruned", "patch recall"]
+    results = {
+        "rows": rows,
+        "answers": {"gold": gold, "unpruned": base["answers"]}
+        | {name: cell["answers"] for name, cell in cells.items()},
+    }
+    write_report(args.output, "Token pruning on the tiny VLM trained here", results, headers, rows, notes)
     args.table.write_text((args.output / "summary.md").read_text())
     return 0
+
+
+def score(items, answers: list[str], kinds: list[str]) -> list[str | float]:
+    """Accuracy with its interval, then accuracy per question kind."""
+    correct = [a == q.answer for (_, q), a in zip(items, answers, strict=True)]
+    low, high = wilson(sum(correct) / len(correct), len(correct))
+    per_kind = [
+        round(statistics.mean(c for c, (_, q) in zip(correct, items, strict=True) if q.kind == kind), 3)
+        for kind in kinds
+    ]
+    return [f"{sum(correct) / len(correct):.3f} [{low:.3f}, {high:.3f}]", *per_kind]
+
+
+def vs(cell: dict[str, list], random_cell: dict[str, list], gold: list[str]) -> str:
+    mean, half = paired_difference(
+        [a == g for a, g in zip(cell["answers"], gold, strict=True)],
+        [a == g for a, g in zip(random_cell["answers"], gold, strict=True)],
+    )
+    return f"{mean:+.3f} ± {half:.3f}"
 
 
 def agreement(answers: list[str], reference: list[str]) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,21 @@ def mean_sd(values: list[float]) -> str:
         return "-"
     sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
     return f"{statistics.mean(values):.3f}{sd}"
+
+
+def wilson(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def paired_difference(a: list[bool], b: list[bool], z: float = 1.96) -> tuple[float, float]:
+    """Mean of a - b over the same examples, and the half-width of its normal interval: pairing
+    removes the per-example difficulty both share, so it is far tighter than two separate intervals."""
+    diffs = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
+    mean = sum(diffs) / len(diffs)
+    sd = statistics.pstdev(diffs) if len(diffs) > 1 else 0.0
+    return mean, z * sd / math.sqrt(len(diffs))
 
 
 def ledgered(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -12,7 +12,15 @@ from lmkit.loader import load_model
 from lmkit.pruning.config import PruneConfig
 from lmkit.pruning.llava import PrunedLlava
 from lmkit.pruning.scenes import COLOURS, SHAPES, make_scene
-from lmkit.pruning.tiny_vlm import _anchor_targets, _word_vectors, prompt
+from lmkit.pruning.tiny_vlm import (
+    _anchor_targets,
+    _answer_batch,
+    _word_vectors,
+    assemble,
+    draw_conversations,
+    pretrain_vision,
+    prompt,
+)
 from lmkit.pruning.vlm_recipe import held_out
 from lmkit.recipes import load_recipe, run_recipe
 
@@ -72,3 +80,24 @@ def test_anchor_targets_put_each_objects_words_on_its_patches():
     loaded = load_model("tiny-llama")
     vectors = _word_vectors(loaded.model, loaded.tokenizer, ["red", "left"])
     assert vectors["red"].shape == (loaded.model.config.hidden_size,)
+
+
+def test_training_chats_label_each_answer_and_start_with_the_eval_prompt(tmp_path):
+    """Stage 2 asks several questions per scene as one chat: every answer (and its end-of-turn
+    token) is labelled, nothing else is, and the first turn is the single-question eval prompt."""
+    recipe = load_recipe("recipes/train_tiny_vlm.yaml", [*TINY_VLM, "vlm.questions_per_scene=3"])
+    config = recipe.vlm
+    loaded = load_model(config.lm)
+    model, processor = assemble(config, pretrain_vision(config, 0)[0], loaded.model, loaded.tokenizer)
+    items = draw_conversations(random.Random(0), 3, config)
+    assert all(1 <= len(qs) <= 3 and len({q.text for q in qs}) == len(qs) for _, qs in items)
+    assert max(len(qs) for _, qs in items) == 3
+    batch = _answer_batch(processor, items)
+    tokenizer = processor.tokenizer
+    for row, (scene, questions) in enumerate(items):
+        labelled = batch["labels"][row][batch["labels"][row] != -100]
+        expected = "".join(q.answer + tokenizer.eos_token for q in questions)
+        assert tokenizer.decode(labelled) == expected
+        single = processor(images=scene.image, text=prompt(processor, questions[0].text), return_tensors="pt")
+        first = int((batch["labels"][row] != -100).nonzero()[0])
+        assert batch["input_ids"][row, :first].tolist() == single.input_ids[0].tolist()

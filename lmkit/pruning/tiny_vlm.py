@@ -3,15 +3,16 @@ something (no trained vision-language weights can be downloaded on lmkit's machi
 
 The stages fit a CPU budget:
 1. The CLIP-style vision tower (with [CLS]) learns the scenes alone, without the LM: each patch of
-   the feature layer the LM reads names the object under it (or background), and [CLS] names which
-   (colour, shape) objects the scene holds. Cheap, and it makes [CLS] attention look at objects.
+   the feature layer the LM reads names the object under it and its side (or background), and
+   [CLS] names which (colour, shape) objects the scene holds. Cheap, and it makes [CLS] attention
+   look at objects.
 1b. (`anchor_stage`) The projector alone learns to place each object patch near the LM's input
    embeddings of its colour, shape and side words: LLaVA's projector-only alignment stage, with
    word targets instead of captions, so it needs no LM forward.
 2. The projector and a LoRA on the (layer-truncated) language model learn to answer questions about
-   the scenes, the tower frozen. The LoRA is merged, so the result is an ordinary transformers
-   `LlavaForConditionalGeneration` directory that the loader, the pruning wrapper and the vLLM
-   plugin take unchanged.
+   the scenes (several per scene, as the turns of one chat), the tower frozen. The LoRA is merged,
+   so the result is an ordinary transformers `LlavaForConditionalGeneration` directory that the
+   loader, the pruning wrapper and the vLLM plugin take unchanged.
 """
 
 from __future__ import annotations
@@ -44,23 +45,42 @@ def image_processor(config: TinyVLMConfig) -> CLIPImageProcessorPil:
     return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
 
-def _vision_targets(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(patch labels [n, grid^2]: 0 = background, 1 + object class; presence [n, classes])."""
-    patch_labels, presence = [], []
-    for scene in scenes:
-        labels = np.zeros(scene.grid * scene.grid, dtype=np.int64)
-        present = np.zeros(len(OBJECTS), dtype=np.float32)
+def _side(scene: Scene, obj) -> str:
+    """Left or right as the questions define it: the object's centre in that half of the image."""
+    return "left" if obj.center[0] < scene.image.width / 2 else "right"
+
+
+PATCH_FACTORS = {"shape": SHAPES, "colour": list(COLOURS), "side": ["left", "right"]}
+
+
+def _vision_targets(scenes: list[Scene]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-patch labels of each factor ({factor: [n, grid^2]}, 0 = background, else 1 + the value's
+    index) and per-scene presence [n, classes]. Factored labels let every shape teach the shape head
+    whatever its colour (a joint colour x shape class sees 1/24 of the objects); the side keeps where
+    an object is readable from its own patches, which the LM (reading tokens) cannot easily recover."""
+    labels = {f: np.zeros((len(scenes), scenes[0].grid ** 2), dtype=np.int64) for f in PATCH_FACTORS}
+    presence = np.zeros((len(scenes), len(OBJECTS)), dtype=np.float32)
+    for row, scene in enumerate(scenes):
         for obj in scene.objects:
-            index = OBJECTS.index((obj.colour, obj.shape))
-            labels[obj.patches.reshape(-1)] = 1 + index
-            present[index] = 1.0
-        patch_labels.append(labels)
-        presence.append(present)
-    return torch.from_numpy(np.stack(patch_labels)), torch.from_numpy(np.stack(presence))
+            values = {"shape": obj.shape, "colour": obj.colour, "side": _side(scene, obj)}
+            for factor, names in PATCH_FACTORS.items():
+                labels[factor][row, obj.patches.reshape(-1)] = 1 + names.index(values[factor])
+            presence[row, OBJECTS.index((obj.colour, obj.shape))] = 1.0
+    return {f: torch.from_numpy(v) for f, v in labels.items()}, torch.from_numpy(presence)
 
 
-def pretrain_vision(config: TinyVLMConfig, seed: int) -> CLIPVisionModel:
-    """Stage 1: the tower alone, supervised per patch (at the LM's feature layer) and per scene ([CLS])."""
+def _balanced_patch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over object patches and over background patches, then the two halves
+    averaged: ~85% of patches are background, which would otherwise dominate."""
+    losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    is_object = labels.flatten() > 0
+    halves = [losses[mask].mean() for mask in (is_object, ~is_object) if mask.any()]
+    return torch.stack(halves).mean()
+
+
+def pretrain_vision(config: TinyVLMConfig, seed: int) -> tuple[CLIPVisionModel, dict[str, float]]:
+    """Stage 1: the tower alone, supervised per patch (at the LM's feature layer) and per scene
+    ([CLS]). Returns the tower and its heads' accuracy on the object patches of 64 fresh scenes."""
     spec = config.vision
     torch.manual_seed(seed)
     tower = CLIPVisionModel(
@@ -73,28 +93,44 @@ def pretrain_vision(config: TinyVLMConfig, seed: int) -> CLIPVisionModel:
             patch_size=config.patch_size,
         )
     )
-    patch_head = torch.nn.Linear(spec.hidden_size, 1 + len(OBJECTS))
+    heads = torch.nn.ModuleDict(
+        {f: torch.nn.Linear(spec.hidden_size, 1 + len(names)) for f, names in PATCH_FACTORS.items()}
+    )
     scene_head = torch.nn.Linear(spec.hidden_size, len(OBJECTS))
-    params = [*tower.parameters(), *patch_head.parameters(), *scene_head.parameters()]
+    params = [*tower.parameters(), *heads.parameters(), *scene_head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.vision_stage.lr)
     processor, rng = image_processor(config), random.Random(f"vision:{seed}")
-    tower.train()
-    for _ in track(range(config.vision_stage.steps), description="tiny VLM: vision tower"):
-        scenes = [
-            make_scene(rng, config.image_size, config.patch_size)
-            for _ in range(config.vision_stage.batch_size)
-        ]
+
+    def forward(scenes: list[Scene]):
         pixels = processor([s.image for s in scenes], return_tensors="pt").pixel_values
-        patch_labels, presence = _vision_targets(scenes)
         out = tower(pixel_values=pixels, output_hidden_states=True)
         features = out.hidden_states[config.feature_layer][:, 1:]  # what LLaVA's "default" strategy reads
-        patch_loss = F.cross_entropy(patch_head(features).flatten(0, 1), patch_labels.flatten())
-        scene_loss = F.binary_cross_entropy_with_logits(scene_head(out.pooler_output), presence)
+        return {f: head(features) for f, head in heads.items()}, scene_head(out.pooler_output)
+
+    def draw(count: int) -> list[Scene]:
+        return [make_scene(rng, config.image_size, config.patch_size) for _ in range(count)]
+
+    tower.train()
+    for _ in track(range(config.vision_stage.steps), description="tiny VLM: vision tower"):
+        scenes = draw(config.vision_stage.batch_size)
+        patch_labels, presence = _vision_targets(scenes)
+        patch_logits, scene_logits = forward(scenes)
+        loss = sum(_balanced_patch_loss(patch_logits[f], patch_labels[f]) for f in PATCH_FACTORS)
+        loss = loss + F.binary_cross_entropy_with_logits(scene_logits, presence)
         optimizer.zero_grad()
-        (patch_loss + scene_loss).backward()
+        loss.backward()
         optimizer.step()
     tower.eval()
-    return tower
+    with torch.no_grad():
+        scenes = draw(64)
+        patch_labels, _ = _vision_targets(scenes)
+        patch_logits, _ = forward(scenes)
+    probe = {}
+    for factor, labels in patch_labels.items():
+        is_object = labels > 0
+        hits = patch_logits[factor].argmax(-1)[is_object] == labels[is_object]
+        probe[factor] = round(hits.float().mean().item(), 4)
+    return tower, probe
 
 
 def assemble(config: TinyVLMConfig, tower: CLIPVisionModel, lm, tokenizer) -> tuple[Llava, LlavaProcessor]:
@@ -140,8 +176,9 @@ def _anchor_targets(scenes: list[Scene], words: dict[str, torch.Tensor]) -> torc
     for scene in scenes:
         target = words["background"].repeat(scene.grid * scene.grid, 1)
         for obj in scene.objects:
-            side = "left" if obj.center[0] < scene.image.width / 2 else "right"
-            target[obj.patches.reshape(-1)] = (words[obj.colour] + words[obj.shape] + words[side]) / 3
+            target[obj.patches.reshape(-1)] = (
+                words[obj.colour] + words[obj.shape] + words[_side(scene, obj)]
+            ) / 3
         out.append(target)
     return torch.stack(out)
 
@@ -180,28 +217,60 @@ def prompt(processor: LlavaProcessor, question: str) -> str:
     return format_prompt(processor.tokenizer, f"<image>\n{question}")
 
 
-def _answer_batch(processor: LlavaProcessor, items: list[tuple[Scene, Question]]) -> dict[str, torch.Tensor]:
-    """Prompt + answer + end of turn, the loss on the answer tokens only (right padding)."""
+def draw_conversations(
+    rng: random.Random, count: int, config: TinyVLMConfig
+) -> list[tuple[Scene, list[Question]]]:
+    """`count` scenes, each with up to `config.questions_per_scene` distinct questions."""
+    out = []
+    for _ in range(count):
+        scene = make_scene(rng, config.image_size, config.patch_size)
+        asked: dict[str, Question] = {}
+        for _attempt in range(3 * config.questions_per_scene):
+            question = ask(rng, scene)
+            asked.setdefault(question.text, question)
+            if len(asked) == config.questions_per_scene:
+                break
+        out.append((scene, list(asked.values())))
+    return out
+
+
+def _answer_batch(
+    processor: LlavaProcessor, items: list[tuple[Scene, list[Question]]]
+) -> dict[str, torch.Tensor]:
+    """Each scene's questions as the turns of one chat (the image in the first, as LLaVA trains
+    multi-turn); the loss on each answer and its end-of-turn token only (right padding). The first
+    turn is exactly the single-question prompt that evaluation and serving send."""
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "right"
-    texts = [prompt(processor, q.text) for _, q in items]
-    answers = [q.answer + (tokenizer.eos_token or "") for _, q in items]
-    batch = processor(
-        images=[s.image for s, _ in items],
-        text=[t + a for t, a in zip(texts, answers, strict=True)],
-        padding=True,
-        return_tensors="pt",
-    )
-    labels = batch.input_ids.clone()
-    for row, text in enumerate(texts):
-        prefix = len(processor(images=items[row][0].image, text=text, return_tensors="pt").input_ids[0])
-        labels[row, :prefix] = -100
-    labels[batch.attention_mask == 0] = -100
+    texts, spans = [], []
+    for _, questions in items:
+        messages: list[dict[str, str]] = []
+        row_spans = []
+        for turn, question in enumerate(questions):
+            messages.append({"role": "user", "content": ("<image>\n" if turn == 0 else "") + question.text})
+            asked = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            answered = asked + question.answer + tokenizer.eos_token
+            row_spans.append(
+                tuple(len(tokenizer(t, add_special_tokens=False).input_ids) for t in (asked, answered))
+            )
+            messages.append({"role": "assistant", "content": question.answer})
+        texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        spans.append(row_spans)
+    batch = processor(images=[s.image for s, _ in items], text=texts, padding=True, return_tensors="pt")
+    labels = torch.full_like(batch.input_ids, -100)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    for row, row_spans in enumerate(spans):
+        shift = int((batch.input_ids[row] == image_id).sum()) - 1  # <image> expanded to the tokens
+        for start, end in row_spans:
+            labels[row, start + shift : end + shift] = batch.input_ids[row, start + shift : end + shift]
     return {**batch, "labels": labels}
 
 
-def align(config: TinyVLMConfig, model: Llava, processor: LlavaProcessor, seed: int) -> Llava:
-    """Stage 2: projector + LoRA on the LM learn to answer (tower frozen); the LoRA is merged."""
+def align(
+    config: TinyVLMConfig, model: Llava, processor: LlavaProcessor, seed: int
+) -> tuple[Llava, list[float]]:
+    """Stage 2: projector + LoRA on the LM learn to answer (tower frozen); the LoRA is merged.
+    Returns the model and the loss per step."""
     torch.manual_seed(seed)
     model.model.vision_tower.requires_grad_(False)
     language = get_peft_model(model.model.language_model, config.lora.peft_config())
@@ -209,10 +278,10 @@ def align(config: TinyVLMConfig, model: Llava, processor: LlavaProcessor, seed: 
     model.lm_head.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.align_stage.lr)
-    rng = random.Random(f"align:{seed}")
+    rng, losses = random.Random(f"align:{seed}"), []
     model.train()
     for _ in track(range(config.align_stage.steps), description="tiny VLM: projector + LoRA"):
-        batch = _answer_batch(processor, draw_scenes(rng, config.align_stage.batch_size, config))
+        batch = _answer_batch(processor, draw_conversations(rng, config.align_stage.batch_size, config))
         labels = batch.pop("labels")
         hidden = model.model(**batch).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
@@ -221,8 +290,9 @@ def align(config: TinyVLMConfig, model: Llava, processor: LlavaProcessor, seed: 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        losses.append(loss.item())
     model.model.language_model = language.merge_and_unload()
-    return model.eval()
+    return model.eval(), losses
 
 
 @torch.inference_mode()

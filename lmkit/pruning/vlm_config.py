@@ -39,4 +39,10 @@ class TinyVLMConfig(StrictModel):
         "embeddings of their colour, shape and side words (no LM forward); unset: none",
     )
     align_stage: StageSpec = Field(default_factory=lambda: StageSpec(steps=600, batch_size=8, lr=5e-4))
+    questions_per_scene: int = Field(
+        4,
+        gt=0,
+        description="align_stage: distinct questions per scene, as the turns of one chat (more "
+        "supervision per image at little extra cost); evaluation always asks one",
+    )
     eval_questions: int = Field(500, gt=0, description="held-out scenes and questions")

@@ -31,10 +31,18 @@ def held_out(config: TinyVLMConfig, seed: int):
     return draw_scenes(random.Random(f"eval:{seed}"), config.eval_questions, config)
 
 
+def loss_curve(losses: list[float], points: int = 10) -> dict[str, Any]:
+    """The mean loss over each tenth of the steps: enough to see whether training flattened."""
+    size = max(1, len(losses) // points)
+    chunks = [losses[i : i + size] for i in range(0, len(losses), size)]
+    return {"steps": len(losses), "mean_per_chunk": [round(sum(c) / len(c), 4) for c in chunks]}
+
+
 def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
     config, target = recipe.vlm, recipe.output_dir / "model"
     if not (resume and (target / "config.json").is_file()):
-        tower = pretrain_vision(config, recipe.seed)
+        tower, probe = pretrain_vision(config, recipe.seed)
+        write_json_atomic(recipe.output_dir / "vision_probe.json", probe)
         lm = load_model(config.lm)
         model, processor = assemble(config, tower, lm.model, lm.tokenizer)
         anchoring = anchor_projector(config, model, processor, recipe.seed)
@@ -42,7 +50,8 @@ def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
             write_json_atomic(
                 recipe.output_dir / "anchor_loss.json", {"first": anchoring[0], "last": anchoring[-1]}
             )
-        model = align(config, model, processor, recipe.seed)
+        model, losses = align(config, model, processor, recipe.seed)
+        write_json_atomic(recipe.output_dir / "align_loss.json", loss_curve(losses))
 
         def fill(tmp):
             model.save_pretrained(tmp)
@@ -66,10 +75,12 @@ def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
     hits = sum(gold == answer for pairs in by_kind.values() for gold, answer in pairs)
     majority = sum(majority_hits(pairs) for pairs in by_kind.values())  # each kind's most common answer
     rows.append(["all", len(items), round(hits / len(items), 4), round(majority / len(items), 4)])
-    anchor_file = recipe.output_dir / "anchor_loss.json"
+    saved = {
+        name: recipe.output_dir / f"{name}.json" for name in ("vision_probe", "anchor_loss", "align_loss")
+    }
     results = {
         "model_dir": str(target),
-        "anchor_loss": json.loads(anchor_file.read_text()) if anchor_file.is_file() else None,
+        **{name: json.loads(f.read_text()) if f.is_file() else None for name, f in saved.items()},
         "accuracy": {r[0]: r[2] for r in rows},
         "majority": {r[0]: r[3] for r in rows},
     }
