@@ -159,7 +159,7 @@ def configs(keeps: list[float], scorer_layers: list[int]) -> dict[str, TextPrune
 
 
 def sweep_configs() -> dict[str, TextPruneConfig]:
-    """One factor at a time around the default (2 scoring layers, pivotal 0.5, pool 5), at keep 0.5."""
+    """One factor at a time around the default (8 layers, pivotal 0.5, pool 5), at keep 0.5."""
     base = TextPruneConfig(seed=0, keep=0.5)
     grid = [{"score_layers": n} for n in [1, 2, 4, 8, 16]]
     grid += [{"pivotal_fraction": f} for f in [0.0, 0.25, 0.75, 1.0]]

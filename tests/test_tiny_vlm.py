@@ -11,17 +11,22 @@ import torch
 from lmkit.loader import load_model
 from lmkit.pruning.config import PruneConfig
 from lmkit.pruning.llava import PrunedLlava
-from lmkit.pruning.scenes import COLOURS, SHAPES, make_scene
+from lmkit.pruning.scenes import COLOURS, SHAPES, asked_shape, make_scene, side_of
 from lmkit.pruning.tiny_vlm import (
     _anchor_targets,
     _answer_batch,
     _word_vectors,
     assemble,
     draw_conversations,
-    pretrain_vision,
     prompt,
 )
-from lmkit.pruning.vlm_recipe import held_out
+from lmkit.pruning.tiny_vlm_vision import (
+    PATCH_FACTORS,
+    _balanced_patch_loss,
+    _vision_targets,
+    pretrain_vision,
+)
+from lmkit.pruning.vlm_recipe import held_out, loss_curve
 from lmkit.recipes import load_recipe, run_recipe
 
 TINY_VLM = [
@@ -43,6 +48,9 @@ def test_train_vlm_recipe_saves_a_llava_dir_the_loader_and_pruning_take(tmp_path
     results = run_recipe(recipe)
     assert set(results["accuracy"]) >= {"all"} and 0 <= results["accuracy"]["all"] <= 1
     assert results["anchor_loss"]["last"] < results["anchor_loss"]["first"]  # the projector learned
+    assert set(results["vision_probe"]) == {"shape", "colour", "side"}
+    assert all(0 <= v <= 1 for v in results["vision_probe"].values())
+    assert results["align_loss"]["steps"] == 2 and len(results["align_loss"]["mean_per_chunk"]) == 2
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["model_type"] == "llava" and config["text_config"]["num_hidden_layers"] == 1
     loaded = load_model({"source": str(tmp_path / "model")})
@@ -90,7 +98,7 @@ def test_training_chats_label_each_answer_and_start_with_the_eval_prompt(tmp_pat
     loaded = load_model(config.lm)
     model, processor = assemble(config, pretrain_vision(config, 0)[0], loaded.model, loaded.tokenizer)
     items = draw_conversations(random.Random(0), 3, config)
-    assert all(1 <= len(qs) <= 3 and len({q.text for q in qs}) == len(qs) for _, qs in items)
+    assert all(1 <= len(qs) <= 3 and len({asked_shape(q) for q in qs}) == len(qs) for _, qs in items)
     assert max(len(qs) for _, qs in items) == 3
     batch = _answer_batch(processor, items)
     tokenizer = processor.tokenizer
@@ -101,3 +109,32 @@ def test_training_chats_label_each_answer_and_start_with_the_eval_prompt(tmp_pat
         single = processor(images=scene.image, text=prompt(processor, questions[0].text), return_tensors="pt")
         first = int((batch["labels"][row] != -100).nonzero()[0])
         assert batch["input_ids"][row, :first].tolist() == single.input_ids[0].tolist()
+
+
+def test_vision_targets_name_each_patch_s_shape_colour_and_side_and_balance_the_loss():
+    scenes = [make_scene(random.Random(seed), 56, 14) for seed in range(3)]
+    labels, presence = _vision_targets(scenes)
+    assert set(labels) == set(PATCH_FACTORS) and presence.shape == (3, len(COLOURS) * len(SHAPES))
+    for row, scene in enumerate(scenes):
+        owners = sum(o.patches.reshape(-1).astype(int) for o in scene.objects)
+        for obj in scene.objects:
+            alone = obj.patches.reshape(-1) & (owners == 1)
+            values = {"shape": obj.shape, "colour": obj.colour, "side": side_of(scene, obj)}
+            for factor, names in PATCH_FACTORS.items():
+                assert (labels[factor][row][alone] == 1 + names.index(values[factor])).all()
+        assert (labels["shape"][row][owners == 0] == 0).all()
+    # one object patch among many background ones weighs as much as all the background together
+    logits = torch.zeros(1, 10, 3)
+    logits[0, 0, 1] = -5.0  # the object patch is badly wrong, the background ones are at chance
+    target = torch.zeros(1, 10, dtype=torch.long)
+    target[0, 0] = 1
+    per_patch = torch.nn.functional.cross_entropy(logits[0], target[0], reduction="none")
+    expected = (per_patch[0] + per_patch[1:].mean()) / 2
+    torch.testing.assert_close(_balanced_patch_loss(logits, target), expected)
+
+
+def test_loss_curve_has_one_mean_per_tenth_whatever_the_step_count():
+    for steps in (2, 10, 25, 605):
+        curve = loss_curve([float(i) for i in range(steps)])
+        assert curve["steps"] == steps and len(curve["mean_per_chunk"]) == min(steps, 10)
+    assert loss_curve([1.0] * 20 + [3.0] * 80)["mean_per_chunk"][:3] == [1.0, 1.0, 3.0]

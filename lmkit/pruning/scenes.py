@@ -122,6 +122,16 @@ def make_scene(
     return Scene(image, placed, size // patch)
 
 
+def side_of(scene: Scene, obj: SceneObject) -> str:
+    """Left or right as the questions define it: the object's centre in that half of the image."""
+    return "left" if obj.center[0] < scene.image.width / 2 else "right"
+
+
+def asked_shape(question: Question) -> str:
+    """The shape a question names (every question names exactly one)."""
+    return next(shape for shape in SHAPES if shape in question.text)
+
+
 def ask(rng: random.Random, scene: Scene) -> Question:
     """One question about the scene whose answer is a single word."""
     objects = scene.objects
@@ -137,7 +147,7 @@ def ask(rng: random.Random, scene: Scene) -> Question:
         return Question(kind, f"What colour is the {objects[i].shape}?", objects[i].colour, [i])
     if kind == "side":
         i = rng.choice(unique_pair)
-        side = "left" if objects[i].center[0] < scene.image.width / 2 else "right"
+        side = side_of(scene, objects[i])
         text = f"Is the {objects[i].colour} {objects[i].shape} on the left or the right?"
         return Question(kind, text, side, [i])
     if kind == "count":

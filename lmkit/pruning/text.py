@@ -32,12 +32,7 @@ class TextPruneConfig(StrictModel):
     method: Literal["freepruner_style", "random", "uniform", "none"] = "freepruner_style"
     keep: int | float = Field(0.5, description="context tokens kept: a count, or a ratio in (0, 1]")
     pivotal_fraction: float = Field(0.5, ge=0, le=1)
-    score_layers: int = Field(
-        2,
-        ge=1,
-        description="layers run to score (attention of the last one); 2 measured as accurate as 8 and "
-        "faster on 2k-token prompts (evals/results/prune_long_prompts.md)",
-    )
+    score_layers: int = Field(8, ge=1, description="layers run to score (attention of the last one)")
     pool: int = Field(5, ge=1, description="max-pool width over neighbouring contribution scores (odd)")
     separator: str = "\n\n"
     seed: int | None = Field(None, description="method random: selection seed (unset: the recipe's seed)")

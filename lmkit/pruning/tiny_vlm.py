@@ -2,10 +2,7 @@
 something (no trained vision-language weights can be downloaded on lmkit's machines).
 
 The stages fit a CPU budget:
-1. The CLIP-style vision tower (with [CLS]) learns the scenes alone, without the LM: each patch of
-   the feature layer the LM reads names the object under it and its side (or background), and
-   [CLS] names which (colour, shape) objects the scene holds. Cheap, and it makes [CLS] attention
-   look at objects.
+1. The CLIP-style vision tower learns the scenes alone (`lmkit.pruning.tiny_vlm_vision`).
 1b. (`anchor_stage`) The projector alone learns to place each object patch near the LM's input
    embeddings of its colour, shape and side words: LLaVA's projector-only alignment stage, with
    word targets instead of captions, so it needs no LM forward.
@@ -19,20 +16,19 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
 from rich.progress import track
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlavaConfig, LlavaProcessor
+from transformers import CLIPVisionModel, LlavaConfig, LlavaProcessor
 from transformers import LlavaForConditionalGeneration as Llava
 
+from lmkit.errors import ConfigError
 from lmkit.generation import format_prompt
 from lmkit.modeling import truncate_layers
-from lmkit.pruning.scenes import COLOURS, SHAPES, Question, Scene, ask, make_scene
+from lmkit.pruning.scenes import COLOURS, SHAPES, Question, Scene, ask, asked_shape, make_scene, side_of
+from lmkit.pruning.tiny_vlm_vision import image_processor
 from lmkit.pruning.vlm_config import TinyVLMConfig
-
-OBJECTS = [(c, s) for c in COLOURS for s in SHAPES]  # what a patch or a scene can hold
 
 
 def draw_scenes(rng: random.Random, count: int, config: TinyVLMConfig) -> list[tuple[Scene, Question]]:
@@ -40,101 +36,13 @@ def draw_scenes(rng: random.Random, count: int, config: TinyVLMConfig) -> list[t
     return [(scene, ask(rng, scene)) for scene in scenes]
 
 
-def image_processor(config: TinyVLMConfig) -> CLIPImageProcessorPil:
-    side = config.image_size
-    return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-
-
-def _side(scene: Scene, obj) -> str:
-    """Left or right as the questions define it: the object's centre in that half of the image."""
-    return "left" if obj.center[0] < scene.image.width / 2 else "right"
-
-
-PATCH_FACTORS = {"shape": SHAPES, "colour": list(COLOURS), "side": ["left", "right"]}
-
-
-def _vision_targets(scenes: list[Scene]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Per-patch labels of each factor ({factor: [n, grid^2]}, 0 = background, else 1 + the value's
-    index) and per-scene presence [n, classes]. Factored labels let every shape teach the shape head
-    whatever its colour (a joint colour x shape class sees 1/24 of the objects); the side keeps where
-    an object is readable from its own patches, which the LM (reading tokens) cannot easily recover."""
-    labels = {f: np.zeros((len(scenes), scenes[0].grid ** 2), dtype=np.int64) for f in PATCH_FACTORS}
-    presence = np.zeros((len(scenes), len(OBJECTS)), dtype=np.float32)
-    for row, scene in enumerate(scenes):
-        for obj in scene.objects:
-            values = {"shape": obj.shape, "colour": obj.colour, "side": _side(scene, obj)}
-            for factor, names in PATCH_FACTORS.items():
-                labels[factor][row, obj.patches.reshape(-1)] = 1 + names.index(values[factor])
-            presence[row, OBJECTS.index((obj.colour, obj.shape))] = 1.0
-    return {f: torch.from_numpy(v) for f, v in labels.items()}, torch.from_numpy(presence)
-
-
-def _balanced_patch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over object patches and over background patches, then the two halves
-    averaged: ~85% of patches are background, which would otherwise dominate."""
-    losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-    is_object = labels.flatten() > 0
-    halves = [losses[mask].mean() for mask in (is_object, ~is_object) if mask.any()]
-    return torch.stack(halves).mean()
-
-
-def pretrain_vision(config: TinyVLMConfig, seed: int) -> tuple[CLIPVisionModel, dict[str, float]]:
-    """Stage 1: the tower alone, supervised per patch (at the LM's feature layer) and per scene
-    ([CLS]). Returns the tower and its heads' accuracy on the object patches of 64 fresh scenes."""
-    spec = config.vision
-    torch.manual_seed(seed)
-    tower = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.layers,
-            num_attention_heads=spec.heads,
-            image_size=config.image_size,
-            patch_size=config.patch_size,
-        )
-    )
-    heads = torch.nn.ModuleDict(
-        {f: torch.nn.Linear(spec.hidden_size, 1 + len(names)) for f, names in PATCH_FACTORS.items()}
-    )
-    scene_head = torch.nn.Linear(spec.hidden_size, len(OBJECTS))
-    params = [*tower.parameters(), *heads.parameters(), *scene_head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.vision_stage.lr)
-    processor, rng = image_processor(config), random.Random(f"vision:{seed}")
-
-    def forward(scenes: list[Scene]):
-        pixels = processor([s.image for s in scenes], return_tensors="pt").pixel_values
-        out = tower(pixel_values=pixels, output_hidden_states=True)
-        features = out.hidden_states[config.feature_layer][:, 1:]  # what LLaVA's "default" strategy reads
-        return {f: head(features) for f, head in heads.items()}, scene_head(out.pooler_output)
-
-    def draw(count: int) -> list[Scene]:
-        return [make_scene(rng, config.image_size, config.patch_size) for _ in range(count)]
-
-    tower.train()
-    for _ in track(range(config.vision_stage.steps), description="tiny VLM: vision tower"):
-        scenes = draw(config.vision_stage.batch_size)
-        patch_labels, presence = _vision_targets(scenes)
-        patch_logits, scene_logits = forward(scenes)
-        loss = sum(_balanced_patch_loss(patch_logits[f], patch_labels[f]) for f in PATCH_FACTORS)
-        loss = loss + F.binary_cross_entropy_with_logits(scene_logits, presence)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    tower.eval()
-    with torch.no_grad():
-        scenes = draw(64)
-        patch_labels, _ = _vision_targets(scenes)
-        patch_logits, _ = forward(scenes)
-    probe = {}
-    for factor, labels in patch_labels.items():
-        is_object = labels > 0
-        hits = patch_logits[factor].argmax(-1)[is_object] == labels[is_object]
-        probe[factor] = round(hits.float().mean().item(), 4)
-    return tower, probe
-
-
 def assemble(config: TinyVLMConfig, tower: CLIPVisionModel, lm, tokenizer) -> tuple[Llava, LlavaProcessor]:
     """A LLaVA model from the trained tower, a fresh projector and the (truncated) LM."""
+    if not tokenizer.chat_template or not tokenizer.eos_token:
+        raise ConfigError(
+            "vlm.lm: the tiny VLM trains and answers in chat turns, so its LM needs a tokenizer with a "
+            "chat template and an end-of-turn (eos) token; pick an instruct model such as smollm2-135m."
+        )
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     lm = truncate_layers(lm, config.lm_layers) if config.lm_layers else lm
@@ -177,7 +85,7 @@ def _anchor_targets(scenes: list[Scene], words: dict[str, torch.Tensor]) -> torc
         target = words["background"].repeat(scene.grid * scene.grid, 1)
         for obj in scene.objects:
             target[obj.patches.reshape(-1)] = (
-                words[obj.colour] + words[obj.shape] + words[_side(scene, obj)]
+                words[obj.colour] + words[obj.shape] + words[side_of(scene, obj)]
             ) / 3
         out.append(target)
     return torch.stack(out)
@@ -220,17 +128,19 @@ def prompt(processor: LlavaProcessor, question: str) -> str:
 def draw_conversations(
     rng: random.Random, count: int, config: TinyVLMConfig
 ) -> list[tuple[Scene, list[Question]]]:
-    """`count` scenes, each with up to `config.questions_per_scene` distinct questions."""
+    """`count` scenes, each with up to `config.questions_per_scene` questions about different shapes,
+    so no turn's answer can be read from an earlier turn's text (a colour question after a side
+    question about the same object would give its colour away)."""
     out = []
     for _ in range(count):
         scene = make_scene(rng, config.image_size, config.patch_size)
-        asked: dict[str, Question] = {}
-        for _attempt in range(3 * config.questions_per_scene):
+        by_shape: dict[str, Question] = {}
+        for _attempt in range(4 * config.questions_per_scene):
             question = ask(rng, scene)
-            asked.setdefault(question.text, question)
-            if len(asked) == config.questions_per_scene:
+            by_shape.setdefault(asked_shape(question), question)
+            if len(by_shape) == config.questions_per_scene:
                 break
-        out.append((scene, list(asked.values())))
+        out.append((scene, list(by_shape.values())))
     return out
 
 
@@ -250,11 +160,14 @@ def _answer_batch(
             messages.append({"role": "user", "content": ("<image>\n" if turn == 0 else "") + question.text})
             asked = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             answered = asked + question.answer + tokenizer.eos_token
-            row_spans.append(
-                tuple(len(tokenizer(t, add_special_tokens=False).input_ids) for t in (asked, answered))
-            )
+            row_spans.append(tuple(len(tokenizer(t).input_ids) for t in (asked, answered)))  # as batched
             messages.append({"role": "assistant", "content": question.answer})
         texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        if not texts[-1].startswith(answered):
+            raise ConfigError(
+                "vlm.lm: its chat template does not end an answer with the eos token; the tiny VLM's "
+                "answer labels assume it does (ChatML-style templates, as smollm2-135m's, do)."
+            )
         spans.append(row_spans)
     batch = processor(images=[s.image for s, _ in items], text=texts, padding=True, return_tensors="pt")
     labels = torch.full_like(batch.input_ids, -100)

@@ -38,11 +38,14 @@ class TinyVLMConfig(StrictModel):
         description="projector-only warm-up before align_stage: object patches mapped near the LM's "
         "embeddings of their colour, shape and side words (no LM forward); unset: none",
     )
-    align_stage: StageSpec = Field(default_factory=lambda: StageSpec(steps=600, batch_size=8, lr=5e-4))
+    align_stage: StageSpec = Field(
+        default_factory=lambda: StageSpec(steps=600, batch_size=4, lr=5e-4),
+        description="batch_size counts scenes, each asked questions_per_scene questions",
+    )
     questions_per_scene: int = Field(
         4,
         gt=0,
-        description="align_stage: distinct questions per scene, as the turns of one chat (more "
-        "supervision per image at little extra cost); evaluation always asks one",
+        description="align_stage: questions per scene (each about a different shape), as the turns "
+        "of one chat: more supervision per image at little extra cost; evaluation always asks one",
     )
     eval_questions: int = Field(500, gt=0, description="held-out scenes and questions")

@@ -13,7 +13,8 @@ from pydantic import Field
 
 from lmkit.io import write_dir_atomic, write_json_atomic
 from lmkit.loader import load_model
-from lmkit.pruning.tiny_vlm import align, anchor_projector, answers, assemble, draw_scenes, pretrain_vision
+from lmkit.pruning.tiny_vlm import align, anchor_projector, answers, assemble, draw_scenes
+from lmkit.pruning.tiny_vlm_vision import pretrain_vision
 from lmkit.pruning.vlm_config import TinyVLMConfig
 from lmkit.recipes import Method, Recipe
 from lmkit.report import write_report
@@ -33,8 +34,8 @@ def held_out(config: TinyVLMConfig, seed: int):
 
 def loss_curve(losses: list[float], points: int = 10) -> dict[str, Any]:
     """The mean loss over each tenth of the steps: enough to see whether training flattened."""
-    size = max(1, len(losses) // points)
-    chunks = [losses[i : i + size] for i in range(0, len(losses), size)]
+    bounds = [round(i * len(losses) / points) for i in range(points + 1)]
+    chunks = [losses[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
     return {"steps": len(losses), "mean_per_chunk": [round(sum(c) / len(c), 4) for c in chunks]}
 
 
