@@ -1,7 +1,9 @@
 """Visual-token pruning measured on the tiny VLM trained here (recipes/train_tiny_vlm.yaml).
 
 For each method and kept-token budget, on held-out scenes and questions:
-- accuracy (first answer word = the gold word) and agreement with the unpruned model's answer;
+- accuracy (first answer word = the gold word) with its 95% interval, per question kind, and
+  against random at the same budget (paired difference on the same questions, 95% interval);
+- agreement with the unpruned model's answer;
 - recall of the asked objects' ground-truth patches among the kept tokens (questions whose answer
   is an object: not "is there a ..." answered no, not "how many" answered zero);
 - methods: freePruner-style two-stage selection (positions renumbered, and kept), pivotal-only
