@@ -172,7 +172,7 @@ def main() -> int:
 
 def score(items, answers: list[str], kinds: list[str]) -> list[str | float]:
     """Accuracy with its interval, then accuracy per question kind."""
-    correct = [a == q.answer for (_, q), a in zip(items, answers, strict=True)]
+    correct = hits(answers, [q.answer for _, q in items])
     low, high = wilson(sum(correct) / len(correct), len(correct))
     per_kind = [
         round(statistics.mean(c for c, (_, q) in zip(correct, items, strict=True) if q.kind == kind), 3)
@@ -182,16 +182,18 @@ def score(items, answers: list[str], kinds: list[str]) -> list[str | float]:
 
 
 def vs(cell: dict[str, list], random_cell: dict[str, list], gold: list[str]) -> str:
-    mean, half = paired_difference(
-        [a == g for a, g in zip(cell["answers"], gold, strict=True)],
-        [a == g for a, g in zip(random_cell["answers"], gold, strict=True)],
-    )
+    mean, half = paired_difference(hits(cell["answers"], gold), hits(random_cell["answers"], gold))
     return f"{mean:+.3f} ± {half:.3f}"
 
 
+def hits(answers: list[str], reference: list[str]) -> list[bool]:
+    """Per question: the answer equals the reference (gold words, or another config's answers)."""
+    return [a == b for a, b in zip(answers, reference, strict=True)]
+
+
 def agreement(answers: list[str], reference: list[str]) -> float:
-    """Share of answers equal to the reference (gold words, or another config's answers)."""
-    return round(sum(a == b for a, b in zip(answers, reference, strict=True)) / len(reference), 4)
+    """Share of answers equal to the reference."""
+    return round(sum(hits(answers, reference)) / len(reference), 4)
 
 
 def _first_token_base(loaded, inputs) -> list[str]:
