@@ -306,6 +306,7 @@ def test_multi_stage_rd_aligns_each_stage_through_its_own_projector():
     loss.backward()
     for project in staged.stage_projects:
         assert project.weight.grad is not None and project.weight.grad.abs().sum() > 0
+        assert project.bias is None  # CKA centres its inputs: a bias would learn only float noise
     staged.eval()
     assert staged(**_batch()).loss.item() == pytest.approx(single.eval()(**_batch()).loss.item(), rel=1e-6)
 

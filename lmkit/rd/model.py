@@ -94,8 +94,10 @@ class StudentDistiller(nn.Module):
         self.stages = list(stages or []) if variant == "rd" else []
         if variant == "rd":
             self.reprogram = Reprogrammer(teacher_dim, reprogrammer_hidden, shared_dim)
+            # No bias: CKA centres its inputs, so a bias gets no gradient but float noise, which
+            # Adam would turn into lr-sized random steps.
             self.stage_projects = nn.ModuleList(
-                nn.Linear(student.hidden_size, shared_dim) for _ in self.stages
+                nn.Linear(student.hidden_size, shared_dim, bias=False) for _ in self.stages
             )
         if variant == "feature_mse":
             self.regress = nn.Linear(student.hidden_size, teacher_dim)
