@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from real_data import LEDGER, ROOT, bench_parser, ledgered, missing
+from real_data import LEDGER, ROOT, bench_parser, ledgered, machine, missing
 from scipy import stats
 
 from lmkit.fdkt.config import FDKTConfig
@@ -164,7 +163,7 @@ def main() -> int:
         "samples per label; ablations reuse the epsilon-8 synthetic data of the same seed",
         f"accuracy: mean [95% t-interval] over seeds {seeds}; 'mean over clients' averages the three "
         "clients per seed first",
-        f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU",
+        f"machine: {machine()}",
     ]
     audit_notes = [
         "audit: the movies client holds 100 canaries (one of its records' first 20 words + a random "

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 from pathlib import Path
 from typing import Any
 
 import yaml
-from real_data import wilson
+from real_data import machine, wilson
 
 from lmkit.evals.config import load_suite
 from lmkit.evals.runner import run_suite
@@ -215,7 +214,7 @@ def main() -> int:
         "all scored rows; exact match: greedy generation (4 tokens) equals the label word",
         "steps: steps run (step with the best validation loss); 150 is the max_steps cap, so a run "
         "that reached it may not have converged; model MB: the weight footprint `lmkit eval` reports",
-        f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU",
+        f"machine: {machine()}",
     ]
     results = {"rows": rows, "runs": {str(k): v for k, v in runs.items()}}
     write_report(

@@ -19,13 +19,12 @@ table grows across machines and sessions; the table is rewritten after every cel
 from __future__ import annotations
 
 import json
-import platform
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from real_data import DATA, LEDGER, ROOT, bench_parser, ledgered, mean_sd, missing
+from real_data import DATA, LEDGER, ROOT, bench_parser, ledgered, machine, mean_sd, missing
 
 from lmkit.recipes import load_recipe, run_recipe
 from lmkit.report import write_report
@@ -122,7 +121,7 @@ def table(rows_per_task: int, output: Path, path: Path) -> None:
         "exact match of the greedy answer with the label word; mean ± sd over the seeds in the "
         "'seeds' column; gate purity: mean router gate on the example's own task's expert "
         f"(1/{len(TASKS)} = uninformed)",
-        f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU",
+        f"machine: {machine()}",
     ]
     write_report(
         output / "report", "MoLA on real tasks: exact match per task", {"cells": cells}, headers, rows, notes

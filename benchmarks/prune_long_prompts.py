@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import random
 import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
-from real_data import DATA, LEDGER, ROOT, bench_parser, ledgered, missing
+from real_data import DATA, LEDGER, ROOT, bench_parser, ledgered, machine, missing
 
 from lmkit.loader import AdapterSpec, ModelSpec, load_model
 from lmkit.pruning.text import TextPruneConfig
@@ -305,7 +304,7 @@ def main() -> int:
         "0.5); random: one seeded subset per prompt; uniform: evenly spaced",
         f"prefill speed-up: unpruned prefill time / (scoring + pruned prefill) time, median of "
         f"{args.timing_repeats} interleaved rounds over the first {args.timing_prompts} prompts, one run",
-        f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU",
+        f"machine: {machine()}",
     ]
     text = "# Long-prompt pruning on real inputs (SmolLM2-135M)\n"
     for title, count, rows in sections:

@@ -18,14 +18,13 @@ Trains the model first (lmkit run recipes/train_tiny_vlm.yaml) when --model does
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from real_data import paired_difference, wilson
+from real_data import machine, paired_difference, wilson
 from rich.progress import track
 
 from lmkit.loader import load_model
@@ -151,7 +150,7 @@ def main() -> int:
         "(FastV: first answer token, against the unpruned first token)",
         "patch recall: kept ground-truth patches of the asked objects / all of them (a patch belongs to "
         "an object when >= 10% of its pixels do)",
-        f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU",
+        f"machine: {machine()}",
     ]
     notes.insert(
         2,

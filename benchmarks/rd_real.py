@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 from pathlib import Path
 from typing import Any
 
-from real_data import DATA, ROOT, bench_parser, mean_sd, missing
+from real_data import DATA, ROOT, bench_parser, machine, mean_sd, missing
 
 from lmkit.rd.recipe import student_cost, train_probe, train_student
 from lmkit.rd.teacher import prepare
@@ -171,7 +170,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[int, list[dict[str,
         f"accuracy, mean ± sd over seeds {args.seeds}; every row trained until its validation loss "
         "(student CE) stopped improving (patience 5 x 10 steps, cap 1,500)",
         *notes,
-        f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU",
+        f"machine: {machine()}",
     ]
     write_report(
         output / "report",

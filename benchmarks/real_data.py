@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -27,6 +31,12 @@ def bench_parser(doc: str | None, name: str, seeds: list[int] | None = None) -> 
     parser.add_argument("--output", default=str(ROOT / "runs" / "benchmarks" / name))
     parser.add_argument("--table", default=str(ROOT / "evals" / "results" / f"{name}.md"))
     return parser
+
+
+def machine() -> str:
+    """The machine a table was measured on, as its notes state it."""
+    accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {accelerator}"
 
 
 def missing(path: Path = DATA) -> bool:

@@ -18,7 +18,6 @@ import argparse
 import base64
 import io
 import json
-import platform
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from typing import Any
 
 import httpx
 from prune_trained_vlm import RECIPE, ROOT, agreement, batches, run_cell
+from real_data import machine
 from rich.progress import track
 
 from lmkit.loader import load_model
@@ -161,8 +161,7 @@ def main() -> int:
         f"{args.concurrency} requests in flight, one warm-up request each; greedy, 3 tokens, streamed",
         "transformers: the same config through lmkit.pruning.llava.PrunedLlava (batches of 16, left "
         "padded); accuracy: first answer word = gold",
-        f"machine: {platform.processor() or platform.machine()}, 2 CPU cores, no GPU (server and client "
-        "share them)",
+        f"machine: {machine()} (server and client share them)",
     ]
     (args.output / "answers.json").write_text(json.dumps(measured) + "\n")
     write_report(args.output, "Pruned tiny VLM served by vLLM", {"rows": rows}, headers, rows, notes)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 import torch
 
+from lmkit.errors import ConfigError
 from lmkit.loader import load_model
 from lmkit.pruning.config import PruneConfig
 from lmkit.pruning.llava import PrunedLlava
@@ -22,10 +24,12 @@ from lmkit.pruning.tiny_vlm import (
 )
 from lmkit.pruning.tiny_vlm_vision import (
     PATCH_FACTORS,
+    StageOptimizer,
     _balanced_patch_loss,
     _vision_targets,
     pretrain_vision,
 )
+from lmkit.pruning.vlm_config import StageSpec
 from lmkit.pruning.vlm_recipe import held_out, loss_curve
 from lmkit.recipes import load_recipe, run_recipe
 
@@ -36,7 +40,8 @@ TINY_VLM = [
     "vlm.lm.source=tiny-llama",
     "vlm.lm_layers=1",
     "vlm.lora.r=4",
-    "vlm.vision_stage={steps: 3, batch_size: 4, lr: 1.0e-3}",
+    "vlm.vision_stage={steps: 3, batch_size: 4, lr: 1.0e-3, warmup_steps: 1, schedule: cosine}",
+    "vlm.vision_stage.max_grad_norm=1.0",
     "vlm.anchor_stage={steps: 10, batch_size: 2, lr: 1.0e-3}",
     "vlm.align_stage={steps: 2, batch_size: 2, lr: 1.0e-3}",
     "vlm.eval_questions=6",
@@ -138,3 +143,29 @@ def test_loss_curve_has_one_mean_per_tenth_whatever_the_step_count():
         curve = loss_curve([float(i) for i in range(steps)])
         assert curve["steps"] == steps and len(curve["mean_per_chunk"]) == min(steps, 10)
     assert loss_curve([1.0] * 20 + [3.0] * 80)["mean_per_chunk"][:3] == [1.0, 1.0, 3.0]
+
+
+def test_stage_optimizer_warms_up_decays_and_clips():
+    weight = torch.nn.Parameter(torch.zeros(3))
+    stage = StageSpec(steps=6, batch_size=1, lr=0.1, warmup_steps=2, schedule="cosine", max_grad_norm=0.5)
+    optimizer = StageOptimizer([weight], stage)
+    lrs = []
+    for _ in range(stage.steps):
+        lrs.append(optimizer.optimizer.param_groups[0]["lr"])
+        optimizer.step((weight * torch.tensor([30.0, 40.0, 0.0])).sum())  # gradient norm 50
+        assert weight.grad.norm().item() == pytest.approx(0.5)  # clipped before the update
+    assert lrs[:3] == pytest.approx([0.0, 0.05, 0.1])  # linear warm-up, then the peak
+    assert lrs[3] > lrs[4] > lrs[5] > 0 and optimizer.optimizer.param_groups[0]["lr"] == pytest.approx(0)
+    held = StageOptimizer([weight], StageSpec(steps=4, batch_size=1, lr=0.1))
+    held.step(weight.sum())
+    assert held.optimizer.param_groups[0]["lr"] == 0.1  # constant, no warm-up
+
+
+def test_a_warmup_as_long_as_the_stage_is_a_clear_error(tmp_path):
+    overrides = [
+        *TINY_VLM,
+        f"output_dir={tmp_path}",
+        "vlm.align_stage={steps: 2, batch_size: 2, lr: 1.0e-3, warmup_steps: 2}",
+    ]
+    with pytest.raises(ConfigError, match="warmup_steps 2 must be fewer than steps 2"):
+        load_recipe("recipes/train_tiny_vlm.yaml", overrides)

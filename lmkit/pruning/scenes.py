@@ -25,7 +25,10 @@ COLOURS = {
     "purple": (145, 60, 190),
     "orange": (240, 135, 30),
 }
-SIZES = {"small": 0.08, "large": 0.14}  # radius as a share of the image side
+# Radius as a share of the image side; at 224 px / patch 14 a small object spans ~3.5 patches.
+# Smaller (0.08 / 0.14) objects left the stage-1 tower unable to tell shapes apart
+# (evals/results/tiny_vlm_training.md).
+SIZES = {"small": 0.11, "large": 0.17}
 COUNTS = ["zero", "one", "two", "three", "four"]
 
 

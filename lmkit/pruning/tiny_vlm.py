@@ -27,7 +27,7 @@ from lmkit.errors import ConfigError
 from lmkit.generation import format_prompt
 from lmkit.modeling import truncate_layers
 from lmkit.pruning.scenes import COLOURS, SHAPES, Question, Scene, ask, asked_shape, make_scene, side_of
-from lmkit.pruning.tiny_vlm_vision import image_processor
+from lmkit.pruning.tiny_vlm_vision import StageOptimizer, image_processor
 from lmkit.pruning.vlm_config import TinyVLMConfig
 
 
@@ -103,7 +103,7 @@ def anchor_projector(
         return []
     words = _word_vectors(model, processor.tokenizer, [*COLOURS, *SHAPES, "left", "right", "background"])
     projector, tower = model.model.multi_modal_projector, model.model.vision_tower
-    optimizer = torch.optim.AdamW(projector.parameters(), lr=stage.lr)
+    optimizer = StageOptimizer(list(projector.parameters()), stage)
     rng, losses = random.Random(f"anchor:{seed}"), []
     projector.train()
     for _ in track(range(stage.steps), description="tiny VLM: projector anchoring"):
@@ -113,11 +113,7 @@ def anchor_projector(
             features = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[
                 config.feature_layer
             ]
-        loss = F.mse_loss(projector(features[:, 1:]), _anchor_targets(scenes, words))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(optimizer.step(F.mse_loss(projector(features[:, 1:]), _anchor_targets(scenes, words))))
     return losses
 
 
@@ -190,7 +186,7 @@ def align(
     model.model.language_model = language
     model.lm_head.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.align_stage.lr)
+    optimizer = StageOptimizer(trainable, config.align_stage)
     rng, losses = random.Random(f"align:{seed}"), []
     model.train()
     for _ in track(range(config.align_stage.steps), description="tiny VLM: projector + LoRA"):
@@ -199,11 +195,7 @@ def align(
         hidden = model.model(**batch).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         where = targets != -100
-        loss = F.cross_entropy(model.lm_head(hidden[where]).float(), targets[where])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(optimizer.step(F.cross_entropy(model.lm_head(hidden[where]).float(), targets[where])))
     model.model.language_model = language.merge_and_unload()
     return model.eval(), losses
 

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import track
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, get_scheduler
 
 from lmkit.pruning.scenes import COLOURS, SHAPES, Scene, make_scene, side_of
-from lmkit.pruning.vlm_config import TinyVLMConfig
+from lmkit.pruning.vlm_config import StageSpec, TinyVLMConfig
 
 OBJECTS = [(c, s) for c in COLOURS for s in SHAPES]  # what a scene can hold
 
@@ -22,6 +22,26 @@ OBJECTS = [(c, s) for c in COLOURS for s in SHAPES]  # what a scene can hold
 def image_processor(config: TinyVLMConfig) -> CLIPImageProcessorPil:
     side = config.image_size
     return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+class StageOptimizer:
+    """AdamW for one training stage, with the stage's warm-up, lr schedule and gradient clipping."""
+
+    def __init__(self, params: list[torch.nn.Parameter], stage: StageSpec) -> None:
+        self.params, self.max_grad_norm = params, stage.max_grad_norm
+        self.optimizer = torch.optim.AdamW(params, lr=stage.lr)
+        name = "cosine" if stage.schedule == "cosine" else "constant_with_warmup"
+        self.scheduler = get_scheduler(name, self.optimizer, stage.warmup_steps, stage.steps)
+
+    def step(self, loss: torch.Tensor) -> float:
+        """One update from `loss`; returns its value."""
+        self.optimizer.zero_grad()
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
 
 
 PATCH_FACTORS = {"shape": SHAPES, "colour": list(COLOURS), "side": ["left", "right"]}
@@ -71,8 +91,9 @@ def pretrain_vision(config: TinyVLMConfig, seed: int) -> tuple[CLIPVisionModel, 
         {f: torch.nn.Linear(spec.hidden_size, 1 + len(names)) for f, names in PATCH_FACTORS.items()}
     )
     scene_head = torch.nn.Linear(spec.hidden_size, len(OBJECTS))
-    params = [*tower.parameters(), *heads.parameters(), *scene_head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.vision_stage.lr)
+    optimizer = StageOptimizer(
+        [*tower.parameters(), *heads.parameters(), *scene_head.parameters()], config.vision_stage
+    )
     processor, rng = image_processor(config), random.Random(f"vision:{seed}")
 
     def forward(scenes: list[Scene]):
@@ -90,10 +111,7 @@ def pretrain_vision(config: TinyVLMConfig, seed: int) -> tuple[CLIPVisionModel, 
         patch_labels, presence = _vision_targets(scenes)
         patch_logits, scene_logits = forward(scenes)
         loss = sum(_balanced_patch_loss(patch_logits[f], patch_labels[f]) for f in PATCH_FACTORS)
-        loss = loss + F.binary_cross_entropy_with_logits(scene_logits, presence)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        optimizer.step(loss + F.binary_cross_entropy_with_logits(scene_logits, presence))
     tower.eval()
     with torch.no_grad():
         scenes = draw(64)

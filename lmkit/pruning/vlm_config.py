@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from lmkit.adapters import LoraSpec
 from lmkit.config import StrictModel
@@ -22,6 +24,20 @@ class StageSpec(StrictModel):
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to lr over these steps")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="lr after warm-up: held, or cosine-decayed to 0 at the last step"
+    )
+    max_grad_norm: float | None = Field(None, gt=0, description="clip gradients to this norm; unset: no clip")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> StageSpec:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"warmup_steps {self.warmup_steps} must be fewer than steps {self.steps}. "
+                "Fix: lower warmup_steps or raise steps."
+            )
+        return self
 
 
 class TinyVLMConfig(StrictModel):
@@ -32,7 +48,11 @@ class TinyVLMConfig(StrictModel):
     lm: ModelSpec = Field(default_factory=lambda: ModelSpec(source="smollm2-135m", dtype="float32"))
     lm_layers: int | None = Field(4, gt=0, description="keep the first N LM layers; unset: all")
     lora: LoraSpec = Field(default_factory=lambda: LoraSpec(r=16, alpha=32, dropout=0.0))
-    vision_stage: StageSpec = Field(default_factory=lambda: StageSpec(steps=900, batch_size=32, lr=1e-3))
+    vision_stage: StageSpec = Field(
+        default_factory=lambda: StageSpec(
+            steps=1200, batch_size=32, lr=2e-3, warmup_steps=50, schedule="cosine", max_grad_norm=1.0
+        )
+    )
     anchor_stage: StageSpec | None = Field(
         None,
         description="projector-only warm-up before align_stage: object patches mapped near the LM's "
