@@ -11,8 +11,9 @@ The table gives exact match per task, mean ± sd over seeds, and the router's ga
 
     python benchmarks/mola_real.py [--seeds 0 1 2] [--rows 500] [--cells single_lora mola_grad ...]
 
-Cost on 2 CPU cores: about 15-25 minutes per cell (one variant, one seed; SmolLM2-135M trains at
-~200 tok/s). Each finished cell's numbers are committed under evals/results/raw/mola_real/, so the
+Cost on 2 CPU cores: measured 2026-12-02, `single_lora` ran ~10 s per training step (validation
+every 25 steps included), so a cell (one variant, one seed) takes ~0.5 h if it stops early at ~200
+steps and ~1.7 h at the 600-step cap; a GPU session is the place for the full grid. Each finished cell's numbers are committed under evals/results/raw/mola_real/, so the
 table grows across machines and sessions; the table is rewritten after every cell.
 """
 
