@@ -13,8 +13,9 @@ The table gives exact match per task, mean ± sd over seeds, and the router's ga
 
 Cost on 2 CPU cores: measured 2026-12-02, `single_lora` ran ~10 s per training step (validation
 every 25 steps included), so a cell (one variant, one seed) takes ~0.5 h if it stops early at ~200
-steps and ~1.7 h at the 600-step cap; a GPU session is the place for the full grid. Each finished cell's numbers are committed under evals/results/raw/mola_real/, so the
-table grows across machines and sessions; the table is rewritten after every cell.
+steps and ~1.7 h at the 600-step cap; a GPU session is the place for the full grid. Each finished
+cell's numbers are committed under evals/results/raw/mola_real/, so the table grows across machines
+and sessions; the table is rewritten after every cell.
 """
 
 from __future__ import annotations
