@@ -13,12 +13,14 @@ from lmkit.errors import ConfigError
 from lmkit.loader import load_model
 from lmkit.pruning.config import PruneConfig
 from lmkit.pruning.llava import PrunedLlava
-from lmkit.pruning.scenes import COLOURS, SHAPES, asked_shape, make_scene, side_of
+from lmkit.pruning.scenes import COLOURS, SHAPES, asked_shape, describe, make_scene, side_of
 from lmkit.pruning.tiny_vlm import (
     _anchor_targets,
     _answer_batch,
+    _trainable_groups,
     _word_vectors,
     assemble,
+    draw_answer_batch,
     draw_conversations,
     prompt,
 )
@@ -39,25 +41,32 @@ TINY_VLM = [
     "vlm.vision={hidden_size: 32, intermediate_size: 64, layers: 2, heads: 2}",
     "vlm.lm.source=tiny-llama",
     "vlm.lm_layers=1",
-    "vlm.lora.r=4",
     "vlm.vision_stage={steps: 3, batch_size: 4, lr: 1.0e-3, warmup_steps: 1, schedule: cosine}",
     "vlm.vision_stage.max_grad_norm=1.0",
     "vlm.anchor_stage={steps: 10, batch_size: 2, lr: 1.0e-3}",
+    "vlm.caption_stage={steps: 2, batch_size: 2, lr: 1.0e-3}",
     "vlm.align_stage={steps: 2, batch_size: 2, lr: 1.0e-3}",
+    "vlm.captions_per_step=1",
     "vlm.eval_questions=6",
 ]
 
 
-def test_train_vlm_recipe_saves_a_llava_dir_the_loader_and_pruning_take(tmp_path):
-    recipe = load_recipe("recipes/train_tiny_vlm.yaml", [*TINY_VLM, f"output_dir={tmp_path}"])
+@pytest.mark.parametrize("tuning", ["null", "{r: 4, alpha: 8, dropout: 0.0}"], ids=["full", "lora"])
+def test_train_vlm_recipe_saves_a_llava_dir_the_loader_and_pruning_take(tmp_path, tuning):
+    overrides = [*TINY_VLM, f"vlm.lora={tuning}", f"output_dir={tmp_path}"]
+    recipe = load_recipe("recipes/train_tiny_vlm.yaml", overrides)
     results = run_recipe(recipe)
     assert set(results["accuracy"]) >= {"all"} and 0 <= results["accuracy"]["all"] <= 1
     assert results["anchor_loss"]["last"] < results["anchor_loss"]["first"]  # the projector learned
     assert set(results["vision_probe"]) == {"shape", "colour", "side"}
     assert all(0 <= v <= 1 for v in results["vision_probe"].values())
-    assert results["align_loss"]["steps"] == 2 and len(results["align_loss"]["mean_per_chunk"]) == 2
+    assert set(results["align_loss"]) == {"caption", "answers"}  # both phases ran, in that order
+    assert all(
+        curve["steps"] == 2 and len(curve["mean_per_chunk"]) == 2 for curve in results["align_loss"].values()
+    )
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["model_type"] == "llava" and config["text_config"]["num_hidden_layers"] == 1
+    assert not list((tmp_path / "model").glob("adapter_*"))  # a LoRA is merged, not saved beside
     loaded = load_model({"source": str(tmp_path / "model")})
     scene, question = held_out(recipe.vlm, recipe.seed)[0]
     batch = dict(
@@ -169,3 +178,50 @@ def test_a_warmup_as_long_as_the_stage_is_a_clear_error(tmp_path):
     ]
     with pytest.raises(ConfigError, match="warmup_steps 2 must be fewer than steps 2"):
         load_recipe("recipes/train_tiny_vlm.yaml", overrides)
+    with pytest.raises(ConfigError, match="captions_per_step 2 leaves no questioned scene"):
+        load_recipe("recipes/train_tiny_vlm.yaml", [*TINY_VLM, "vlm.captions_per_step=2"])
+
+
+def test_the_caption_lists_every_object_left_to_right_with_its_words():
+    scene = next(s for s in (make_scene(random.Random(i), 112, 14) for i in range(20)) if len(s.objects) > 2)
+    caption = describe(scene)
+    parts = caption.answer.split(", ")
+    assert len(parts) == len(scene.objects) and caption.kind == "caption"
+    xs = [scene.objects[i].center[0] for i in caption.targets]
+    assert xs == sorted(xs) and sorted(caption.targets) == list(range(len(scene.objects)))
+    for part, i in zip(parts, caption.targets, strict=True):
+        obj = scene.objects[i]
+        assert part == f"{obj.size} {obj.colour} {obj.shape} on the {side_of(scene, obj)}"
+
+
+@pytest.mark.parametrize("lora", [None, "r4"])
+def test_stage_two_trains_the_projector_and_the_lm_body_only(lora):
+    overrides = [*TINY_VLM, "vlm.projector_lr=0.01"]
+    overrides += ["vlm.lora={r: 4, alpha: 8, dropout: 0.0}" if lora else "vlm.lora=null"]
+    config = load_recipe("recipes/train_tiny_vlm.yaml", overrides).vlm
+    loaded = load_model(config.lm)
+    model, _ = assemble(config, pretrain_vision(config, 0)[0], loaded.model, loaded.tokenizer)
+    projector, body = _trainable_groups(config, model)
+    assert projector["lr"] == 0.01 and "lr" not in body  # the LM body runs at the stage's lr
+    assert body["params"]
+    assert {id(p) for p in projector["params"]} == {
+        id(p) for p in model.model.multi_modal_projector.parameters()
+    }
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == len(projector["params"]) + len(body["params"])
+    assert not any(k in n for n in trainable for k in ("vision_tower", "embed_tokens", "lm_head"))
+    if lora:
+        assert all("lora_" in n for n in trainable if "projector" not in n)
+    else:
+        assert any(".mlp." in n and "lora_" not in n for n in trainable)
+
+
+def test_align_batches_caption_the_configured_share_of_scenes():
+    config = load_recipe("recipes/train_tiny_vlm.yaml", [*TINY_VLM, "vlm.align_stage.batch_size=4"]).vlm
+    for captions in (0, 1, 3):
+        items = draw_answer_batch(
+            random.Random(0), 4, config.model_copy(update={"captions_per_step": captions})
+        )
+        kinds = [[q.kind for q in questions] for _, questions in items]
+        assert len(items) == 4 and kinds.count(["caption"]) == captions
+        assert all("caption" not in k for k in kinds if k != ["caption"])

@@ -51,7 +51,7 @@ class Scene:
 
 @dataclass
 class Question:
-    kind: str  # colour | side | count | exists
+    kind: str  # colour | side | count | exists (| caption: training only)
     text: str
     answer: str
     targets: list[int] = field(default_factory=list)  # objects whose patches answer it
@@ -128,6 +128,17 @@ def make_scene(
 def side_of(scene: Scene, obj: SceneObject) -> str:
     """Left or right as the questions define it: the object's centre in that half of the image."""
     return "left" if obj.center[0] < scene.image.width / 2 else "right"
+
+
+def describe(scene: Scene) -> Question:
+    """The scene's objects from left to right, each as "size colour shape on the side": a caption
+    whose every object word must be read from the image (stage 2's caption phase)."""
+    ordered = sorted(range(len(scene.objects)), key=lambda i: scene.objects[i].center[0])
+    text = ", ".join(
+        f"{o.size} {o.colour} {o.shape} on the {side_of(scene, o)}"
+        for o in (scene.objects[i] for i in ordered)
+    )
+    return Question("caption", "List the objects from left to right.", text or "none", ordered)
 
 
 def asked_shape(question: Question) -> str:

@@ -6,10 +6,11 @@ The stages fit a CPU budget:
 1b. (`anchor_stage`) The projector alone learns to place each object patch near the LM's input
    embeddings of its colour, shape and side words: LLaVA's projector-only alignment stage, with
    word targets instead of captions, so it needs no LM forward.
-2. The projector and a LoRA on the (layer-truncated) language model learn to answer questions about
-   the scenes (several per scene, as the turns of one chat), the tower frozen. The LoRA is merged,
-   so the result is an ordinary transformers `LlavaForConditionalGeneration` directory that the
-   loader, the pruning wrapper and the vLLM plugin take unchanged.
+2. The projector and the (layer-truncated) language model, fully or through a LoRA, first learn to
+   list each scene's objects (a caption phase, as LLaVA aligns on captions), then to answer
+   questions about the scenes (several per scene, as the turns of one chat), the tower frozen. A
+   LoRA is merged, so the result is an ordinary transformers `LlavaForConditionalGeneration`
+   directory that the loader, the pruning wrapper and the vLLM plugin take unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +27,17 @@ from transformers import LlavaForConditionalGeneration as Llava
 from lmkit.errors import ConfigError
 from lmkit.generation import format_prompt
 from lmkit.modeling import truncate_layers
-from lmkit.pruning.scenes import COLOURS, SHAPES, Question, Scene, ask, asked_shape, make_scene, side_of
+from lmkit.pruning.scenes import (
+    COLOURS,
+    SHAPES,
+    Question,
+    Scene,
+    ask,
+    asked_shape,
+    describe,
+    make_scene,
+    side_of,
+)
 from lmkit.pruning.tiny_vlm_vision import StageOptimizer, image_processor
 from lmkit.pruning.vlm_config import TinyVLMConfig
 
@@ -140,6 +151,22 @@ def draw_conversations(
     return out
 
 
+def draw_captions(
+    rng: random.Random, count: int, config: TinyVLMConfig
+) -> list[tuple[Scene, list[Question]]]:
+    """`count` scenes, each with one turn: list the objects from left to right (`describe`)."""
+    scenes = [make_scene(rng, config.image_size, config.patch_size) for _ in range(count)]
+    return [(scene, [describe(scene)]) for scene in scenes]
+
+
+def draw_answer_batch(
+    rng: random.Random, count: int, config: TinyVLMConfig
+) -> list[tuple[Scene, list[Question]]]:
+    """align_stage's `count` scenes: `captions_per_step` captioned, the rest questioned."""
+    captioned = draw_captions(rng, config.captions_per_step, config)
+    return captioned + draw_conversations(rng, count - config.captions_per_step, config)
+
+
 def _answer_batch(
     processor: LlavaProcessor, items: list[tuple[Scene, list[Question]]]
 ) -> dict[str, torch.Tensor]:
@@ -175,28 +202,52 @@ def _answer_batch(
     return {**batch, "labels": labels}
 
 
+def _trainable_groups(config: TinyVLMConfig, model: Llava) -> list[dict]:
+    """Stage 2's parameters: the projector (at `projector_lr`, if set) and the LM's LoRA, or its
+    layers and final norm when `lora` is null. The tower, the embeddings and the head stay frozen."""
+    model.requires_grad_(False)
+    projector = model.model.multi_modal_projector.requires_grad_(True)
+    if config.lora is not None:
+        model.model.language_model = get_peft_model(model.model.language_model, config.lora.peft_config())
+    else:
+        language = model.model.language_model
+        language.layers.requires_grad_(True)
+        language.norm.requires_grad_(True)
+    lm = [p for p in model.model.language_model.parameters() if p.requires_grad]
+    rate = {"lr": config.projector_lr} if config.projector_lr else {}
+    return [{"params": list(projector.parameters()), **rate}, {"params": lm}]
+
+
 def align(
     config: TinyVLMConfig, model: Llava, processor: LlavaProcessor, seed: int
-) -> tuple[Llava, list[float]]:
-    """Stage 2: projector + LoRA on the LM learn to answer (tower frozen); the LoRA is merged.
-    Returns the model and the loss per step."""
+) -> tuple[Llava, dict[str, list[float]]]:
+    """Stage 2: the projector and the LM (LoRA, or fully) first learn to caption the scenes
+    (`caption_stage`, if set), then to answer questions (`align_stage`); the tower stays frozen and a
+    LoRA is merged. Returns the model and each phase's loss per step."""
     torch.manual_seed(seed)
-    model.model.vision_tower.requires_grad_(False)
-    language = get_peft_model(model.model.language_model, config.lora.peft_config())
-    model.model.language_model = language
-    model.lm_head.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = StageOptimizer(trainable, config.align_stage)
-    rng, losses = random.Random(f"align:{seed}"), []
+    groups = _trainable_groups(config, model)
+    rng = random.Random(f"align:{seed}")
+
+    phases = {
+        "caption": (config.caption_stage, lambda count: draw_captions(rng, count, config)),
+        "answers": (config.align_stage, lambda count: draw_answer_batch(rng, count, config)),
+    }
+    losses: dict[str, list[float]] = {}
     model.train()
-    for _ in track(range(config.align_stage.steps), description="tiny VLM: projector + LoRA"):
-        batch = _answer_batch(processor, draw_conversations(rng, config.align_stage.batch_size, config))
-        labels = batch.pop("labels")
-        hidden = model.model(**batch).last_hidden_state[:, :-1]
-        targets = labels[:, 1:]
-        where = targets != -100
-        losses.append(optimizer.step(F.cross_entropy(model.lm_head(hidden[where]).float(), targets[where])))
-    model.model.language_model = language.merge_and_unload()
+    for name, (stage, draw) in phases.items():
+        if stage is None:
+            continue
+        optimizer, losses[name] = StageOptimizer(groups, stage), []
+        for _ in track(range(stage.steps), description=f"tiny VLM: {name}"):
+            batch = _answer_batch(processor, draw(stage.batch_size))
+            labels = batch.pop("labels")
+            hidden = model.model(**batch).last_hidden_state[:, :-1]
+            targets = labels[:, 1:]
+            where = targets != -100
+            loss = F.cross_entropy(model.lm_head(hidden[where]).float(), targets[where])
+            losses[name].append(optimizer.step(loss))
+    if config.lora is not None:
+        model.model.language_model = model.model.language_model.merge_and_unload()
     return model.eval(), losses
 
 

@@ -27,9 +27,13 @@ def image_processor(config: TinyVLMConfig) -> CLIPImageProcessorPil:
 class StageOptimizer:
     """AdamW for one training stage, with the stage's warm-up, lr schedule and gradient clipping."""
 
-    def __init__(self, params: list[torch.nn.Parameter], stage: StageSpec) -> None:
-        self.params, self.max_grad_norm = params, stage.max_grad_norm
-        self.optimizer = torch.optim.AdamW(params, lr=stage.lr)
+    def __init__(self, params: list[torch.nn.Parameter] | list[dict], stage: StageSpec) -> None:
+        """`params`: parameters, or torch param groups (a group without "lr" gets the stage's lr)."""
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        self.params = [p for group in groups for p in group["params"]]
+        self.max_grad_norm = stage.max_grad_norm
+        # copies: torch writes the running lr into the group dicts it is given
+        self.optimizer = torch.optim.AdamW([dict(group) for group in groups], lr=stage.lr)
         name = "cosine" if stage.schedule == "cosine" else "constant_with_warmup"
         self.scheduler = get_scheduler(name, self.optimizer, stage.warmup_steps, stage.steps)
 

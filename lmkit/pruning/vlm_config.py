@@ -47,7 +47,14 @@ class TinyVLMConfig(StrictModel):
     vision: VisionTowerSpec = Field(default_factory=VisionTowerSpec)
     lm: ModelSpec = Field(default_factory=lambda: ModelSpec(source="smollm2-135m", dtype="float32"))
     lm_layers: int | None = Field(4, gt=0, description="keep the first N LM layers; unset: all")
-    lora: LoraSpec = Field(default_factory=lambda: LoraSpec(r=16, alpha=32, dropout=0.0))
+    lora: LoraSpec | None = Field(
+        default_factory=lambda: LoraSpec(r=16, alpha=32, dropout=0.0),
+        description="stage 2 trains this LoRA on the LM (merged when done); null: fine-tune the LM's "
+        "layers and final norm fully (embeddings and head stay frozen)",
+    )
+    projector_lr: float | None = Field(
+        None, gt=0, description="caption and align stages: the projector's lr; unset: the stage's lr"
+    )
     vision_stage: StageSpec = Field(
         default_factory=lambda: StageSpec(
             steps=1200, batch_size=32, lr=2e-3, warmup_steps=50, schedule="cosine", max_grad_norm=1.0
@@ -58,9 +65,21 @@ class TinyVLMConfig(StrictModel):
         description="projector-only warm-up before align_stage: object patches mapped near the LM's "
         "embeddings of their colour, shape and side words (no LM forward); unset: none",
     )
+    caption_stage: StageSpec | None = Field(
+        None,
+        description="before align_stage, the same parameters learn to list each scene's objects from "
+        "left to right (size, colour, shape, side): LLaVA's caption alignment, dense in image-read words; "
+        "batch_size counts scenes; unset: none",
+    )
     align_stage: StageSpec = Field(
         default_factory=lambda: StageSpec(steps=600, batch_size=4, lr=5e-4),
         description="batch_size counts scenes, each asked questions_per_scene questions",
+    )
+    captions_per_step: int = Field(
+        0,
+        ge=0,
+        description="align_stage: of each step's batch_size scenes, this many are captioned as in "
+        "caption_stage instead of questioned, so answering is learned without unlearning the reading",
     )
     questions_per_scene: int = Field(
         4,
@@ -69,3 +88,13 @@ class TinyVLMConfig(StrictModel):
         "of one chat: more supervision per image at little extra cost; evaluation always asks one",
     )
     eval_questions: int = Field(500, gt=0, description="held-out scenes and questions")
+
+    @model_validator(mode="after")
+    def _captions_leave_questions(self) -> TinyVLMConfig:
+        if self.captions_per_step >= self.align_stage.batch_size:
+            raise ValueError(
+                f"captions_per_step {self.captions_per_step} leaves no questioned scene in align_stage's "
+                f"batch of {self.align_stage.batch_size}. Fix: lower captions_per_step or raise "
+                "align_stage.batch_size."
+            )
+        return self

@@ -52,7 +52,8 @@ def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
                 recipe.output_dir / "anchor_loss.json", {"first": anchoring[0], "last": anchoring[-1]}
             )
         model, losses = align(config, model, processor, recipe.seed)
-        write_json_atomic(recipe.output_dir / "align_loss.json", loss_curve(losses))
+        curves = {phase: loss_curve(values) for phase, values in losses.items()}
+        write_json_atomic(recipe.output_dir / "align_loss.json", curves)
 
         def fill(tmp):
             model.save_pretrained(tmp)
@@ -89,7 +90,8 @@ def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
         f"model: {target} (LLaVA: CLIP-style tower {config.vision.layers} layers x "
         f"{config.vision.hidden_size}, "
         f"{(config.image_size // config.patch_size) ** 2} image tokens; LM {config.lm.source}, first "
-        f"{config.lm_layers or 'all'} layers, LoRA r{config.lora.r} merged)",
+        f"{config.lm_layers or 'all'} layers, "
+        + (f"LoRA r{config.lora.r} merged)" if config.lora else "fine-tuned fully)"),
         f"held-out: {config.eval_questions} scenes and questions (their own seed stream); majority = always "
         "answering the most common answer of the kind",
     ]
