@@ -42,9 +42,12 @@ from lmkit.pruning.tiny_vlm_vision import StageOptimizer, image_processor
 from lmkit.pruning.vlm_config import TinyVLMConfig
 
 
+def fresh_scenes(rng: random.Random, count: int, config: TinyVLMConfig) -> list[Scene]:
+    return [make_scene(rng, config.image_size, config.patch_size) for _ in range(count)]
+
+
 def draw_scenes(rng: random.Random, count: int, config: TinyVLMConfig) -> list[tuple[Scene, Question]]:
-    scenes = [make_scene(rng, config.image_size, config.patch_size) for _ in range(count)]
-    return [(scene, ask(rng, scene)) for scene in scenes]
+    return [(scene, ask(rng, scene)) for scene in fresh_scenes(rng, count, config)]
 
 
 def assemble(config: TinyVLMConfig, tower: CLIPVisionModel, lm, tokenizer) -> tuple[Llava, LlavaProcessor]:
@@ -118,7 +121,7 @@ def anchor_projector(
     rng, losses = random.Random(f"anchor:{seed}"), []
     projector.train()
     for _ in track(range(stage.steps), description="tiny VLM: projector anchoring"):
-        scenes = [make_scene(rng, config.image_size, config.patch_size) for _ in range(stage.batch_size)]
+        scenes = fresh_scenes(rng, stage.batch_size, config)
         pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt").pixel_values
         with torch.no_grad():
             features = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[
@@ -155,8 +158,7 @@ def draw_captions(
     rng: random.Random, count: int, config: TinyVLMConfig
 ) -> list[tuple[Scene, list[Question]]]:
     """`count` scenes, each with one turn: list the objects from left to right (`describe`)."""
-    scenes = [make_scene(rng, config.image_size, config.patch_size) for _ in range(count)]
-    return [(scene, [describe(scene)]) for scene in scenes]
+    return [(scene, [describe(scene)]) for scene in fresh_scenes(rng, count, config)]
 
 
 def draw_answer_batch(
