@@ -206,7 +206,8 @@ def _answer_batch(
 
 def _trainable_groups(config: TinyVLMConfig, model: Llava) -> list[dict]:
     """Stage 2's parameters: the projector (at `projector_lr`, if set) and the LM's LoRA, or its
-    layers and final norm when `lora` is null. The tower, the embeddings and the head stay frozen."""
+    layers and final norm when `lora` is null. The tower, the embeddings and the head stay frozen.
+    With a LoRA, the model's language model is replaced by its peft wrapper (merged by `align`)."""
     model.requires_grad_(False)
     projector = model.model.multi_modal_projector.requires_grad_(True)
     if config.lora is not None:
@@ -229,7 +230,6 @@ def align(
     torch.manual_seed(seed)
     groups = _trainable_groups(config, model)
     rng = random.Random(f"align:{seed}")
-
     phases = {
         "caption": (config.caption_stage, lambda count: draw_captions(rng, count, config)),
         "answers": (config.align_stage, lambda count: draw_answer_batch(rng, count, config)),
