@@ -83,15 +83,21 @@ def run_cell(pruned: PrunedLlava, tokenizer, inputs: list[dict]) -> dict[str, li
     return {"answers": answers, "kept": kept}
 
 
-def recall(items, kept: list[list[int]]) -> float | None:
-    """Share of the asked objects' patches among the kept tokens, over questions with a target."""
-    hits = total = 0
+def recall(items, kept: list[list[int]], resamples: int = 1000) -> str | None:
+    """Share of the asked objects' patches among the kept tokens, over questions with a target,
+    with a 95% bootstrap interval over those questions (seeded, so a rerun prints the same)."""
+    hits, sizes = [], []
     for (scene, question), indices in zip(items, kept, strict=True):
         target = target_patches(scene, question)
         if target.any():
-            hits += int(target[np.asarray(indices)].sum())
-            total += int(target.sum())
-    return round(hits / total, 4) if total else None
+            hits.append(int(target[np.asarray(indices)].sum()))
+            sizes.append(int(target.sum()))
+    if not sizes:
+        return None
+    hits_, sizes_ = np.asarray(hits), np.asarray(sizes)
+    draws = np.random.default_rng(0).integers(0, len(sizes), (resamples, len(sizes)))
+    low, high = np.percentile(hits_[draws].sum(1) / sizes_[draws].sum(1), [2.5, 97.5])
+    return f"{hits_.sum() / sizes_.sum():.3f} [{low:.3f}, {high:.3f}]"
 
 
 def main() -> int:
@@ -138,18 +144,26 @@ def main() -> int:
                     *score(items, cell["answers"], kinds),
                     versus,
                     agreement(cell["answers"], reference),
-                    "-" if found is None else found,
+                    found or "-",
                 ]
             )
     notes = [
-        f"command: `python benchmarks/prune_trained_vlm.py --keeps {' '.join(map(str, args.keeps))}"
-        f" --questions {args.questions} --fastv-layer {args.fastv_layer} {' '.join(args.overrides)}`; "
-        f"model {args.model} (recipes/train_tiny_vlm.yaml)",
+        "command: `"
+        + " ".join(
+            [
+                "python benchmarks/prune_trained_vlm.py --keeps",
+                *map(str, args.keeps),
+                f"--questions {args.questions} --fastv-layer {args.fastv_layer}",
+                *args.overrides,
+            ]
+        )
+        + f"`; model {shown(args.model)} (recipes/train_tiny_vlm.yaml)",
         f"{len(items)} held-out scenes and questions (seed stream 'eval:{recipe.seed}'), {available} image "
         "tokens per image; accuracy: first answer word = gold; agreement: same first word as unpruned "
         "(FastV: first answer token, against the unpruned first token)",
-        "patch recall: kept ground-truth patches of the asked objects / all of them (a patch belongs to "
-        "an object when >= 10% of its pixels do)",
+        "patch recall: kept ground-truth patches of the asked objects / all of them, over the questions "
+        "that have such objects, [95% bootstrap interval over those questions] (a patch belongs to an "
+        "object when >= 10% of its pixels do)",
         f"machine: {machine()}",
     ]
     notes.insert(
@@ -158,15 +172,22 @@ def main() -> int:
         "questions, mean ± 95% paired interval (FastV's first-token answers against random's first word)",
     )
     headers = ["method", "kept tokens", "accuracy [95% CI]", *kinds, "vs random (paired)"]
-    headers += ["agreement with unpruned", "patch recall"]
+    headers += ["agreement with unpruned", "patch recall [95% CI]"]
     results = {
         "rows": rows,
         "answers": {"gold": gold, "unpruned": base["answers"]}
         | {name: cell["answers"] for name, cell in cells.items()},
+        "kept": {name: cell["kept"] for name, cell in cells.items() if cell["kept"]},
     }
     write_report(args.output, "Token pruning on the tiny VLM trained here", results, headers, rows, notes)
     args.table.write_text((args.output / "summary.md").read_text())
     return 0
+
+
+def shown(path: Path) -> str:
+    """A path as a table prints it: relative to the project when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def score(items, answers: list[str], kinds: list[str]) -> list[str | float]:

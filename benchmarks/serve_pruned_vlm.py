@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from prune_trained_vlm import RECIPE, ROOT, agreement, batches, run_cell
+from prune_trained_vlm import RECIPE, ROOT, agreement, batches, run_cell, shown
 from real_data import machine
 from rich.progress import track
 
@@ -77,12 +77,12 @@ def ask(base_url: str, image_url: str, question: str) -> dict[str, Any]:
     return {"answer": (text.split() or [""])[0].strip(".,!?").lower(), "ttft": ttft}
 
 
-def serve_and_ask(model: Path, prune: PruneConfig | None, items, concurrency: int, log: Path) -> dict:
+def serve_and_ask(model: Path, prune: PruneConfig, items, concurrency: int, log: Path) -> dict:
     config = ServeConfig.model_validate(
         {
             "model": {"source": str(model), "dtype": "float32"},
             "engine": {"dtype": "float32", "max_model_len": 512, "extra_args": ["--enforce-eager"]},
-            "prune": None if prune is None else prune.model_dump(),
+            "prune": prune.model_dump(),
         }
     )
     urls = [data_url(scene.image) for scene, _ in items]
@@ -118,15 +118,13 @@ def main() -> int:
     loaded = load_model({"source": str(args.model), "dtype": "float32"})
     inputs = batches(loaded.processor, items, 16)
     args.output.mkdir(parents=True, exist_ok=True)
-    configs = {"unpruned": None} | {
+    configs = {"unpruned": PruneConfig(method="none")} | {
         f"freePruner-style@{k}": PruneConfig(method="freepruner_style", keep=k, seed=recipe.seed)
         for k in args.keeps
     }
     rows, measured = [], {}
     for name, prune in track(configs.items(), description="served configs"):
-        local = run_cell(
-            PrunedLlava(loaded.model, prune or PruneConfig(method="none")), loaded.processor.tokenizer, inputs
-        )["answers"]
+        local = run_cell(PrunedLlava(loaded.model, prune), loaded.processor.tokenizer, inputs)["answers"]
         served = serve_and_ask(args.model, prune, items, args.concurrency, args.output / f"{name}.log")
         measured[name] = served | {"transformers_answers": local}
         base = measured["unpruned"]
@@ -154,8 +152,10 @@ def main() -> int:
     ]
     notes = [
         f"command: `python benchmarks/serve_pruned_vlm.py --keeps {' '.join(map(str, args.keeps))} "
-        f"--questions {args.questions} --concurrency {args.concurrency}`; model {args.model} "
+        f"--questions {args.questions} --concurrency {args.concurrency}`; model {shown(args.model)} "
         "(recipes/train_tiny_vlm.yaml)",
+        "every config is served by lmkit's LLaVA class in vLLM (the vLLM plugin); unpruned = its method "
+        "`none` (all image tokens, no scoring), since vLLM's own LLaVA module cannot load on CPU-only torch",
         f"{len(items)} held-out scenes and questions, the same for every config; one vLLM server per "
         f"config started in turn in one run (float32, --enforce-eager, max_model_len 512), "
         f"{args.concurrency} requests in flight, one warm-up request each; greedy, 3 tokens, streamed",

@@ -30,18 +30,22 @@ def data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def serve_tiny_llava(prune: dict, tmp_path_factory):
     config = ServeConfig.model_validate(
         {
             "model": {"source": "tiny-llava", "dtype": "float32"},
             "port": free_port(),
             "engine": {"dtype": "float32", "max_model_len": 256, "extra_args": ["--enforce-eager"]},
-            "prune": PRUNE,
+            "prune": prune,
         }
     )
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    with ServerProcess(config, log_path=log) as process:
+    return ServerProcess(config, log_path=log)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serve_tiny_llava(PRUNE, tmp_path_factory) as process:
         yield process
 
 
@@ -67,8 +71,21 @@ def test_each_image_takes_exactly_the_budget_in_the_prompt(server):
 
 
 def test_vllm_generates_what_the_transformers_pruned_model_generates(server):
+    assert_generates_as_transformers(server, PRUNE)
+
+
+def test_method_none_serves_every_image_token_as_the_unpruned_model(tmp_path_factory):
+    """vLLM's own LLaVA module cannot load on CPU-only torch; `none` is the unpruned baseline."""
+    with serve_tiny_llava({"method": "none"}, tmp_path_factory) as unpruned:
+        image_id = load_model("tiny-llava").model.config.image_token_id
+        reply = chat(unpruned, synthetic_images(1, 32, seed=3))
+        assert reply["prompt_token_ids"].count(image_id) == AVAILABLE
+        assert_generates_as_transformers(unpruned, {"method": "none"})
+
+
+def assert_generates_as_transformers(server, prune: dict) -> None:
     loaded = load_model("tiny-llava")
-    pruned = PrunedLlava(loaded.model, PruneConfig(**PRUNE))
+    pruned = PrunedLlava(loaded.model, PruneConfig(**prune))
     image_id = loaded.model.config.image_token_id
     for seed in (0, 1):
         image = synthetic_images(1, 32, seed=seed)[0]

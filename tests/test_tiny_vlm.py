@@ -19,6 +19,7 @@ from lmkit.pruning.tiny_vlm import (
     _answer_batch,
     _trainable_groups,
     _word_vectors,
+    _wrap_lora,
     assemble,
     draw_answer_batch,
     draw_conversations,
@@ -201,7 +202,7 @@ def test_stage_two_trains_the_projector_and_the_lm_body_only(lora):
     config = load_recipe("recipes/train_tiny_vlm.yaml", overrides).vlm
     loaded = load_model(config.lm)
     model, _ = assemble(config, pretrain_vision(config, 0)[0], loaded.model, loaded.tokenizer)
-    projector, body = _trainable_groups(config, model)
+    projector, body = _trainable_groups(config, _wrap_lora(config, model))
     assert projector["lr"] == 0.01 and "lr" not in body  # the LM body runs at the stage's lr
     assert body["params"]
     assert {id(p) for p in projector["params"]} == {

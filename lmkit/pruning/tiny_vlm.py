@@ -204,19 +204,27 @@ def _answer_batch(
     return {**batch, "labels": labels}
 
 
-def _trainable_groups(config: TinyVLMConfig, model: Llava) -> list[dict]:
-    """Stage 2's parameters: the projector (at `projector_lr`, if set) and the LM's LoRA, or its
-    layers and final norm when `lora` is null. The tower, the embeddings and the head stay frozen.
-    With a LoRA, the model's language model is replaced by its peft wrapper (merged by `align`)."""
-    model.requires_grad_(False)
-    projector = model.model.multi_modal_projector.requires_grad_(True)
+def _wrap_lora(config: TinyVLMConfig, model: Llava) -> Llava:
+    """With a `lora`, the model's language model becomes its peft wrapper (`align` merges it)."""
     if config.lora is not None:
         model.model.language_model = get_peft_model(model.model.language_model, config.lora.peft_config())
+    return model
+
+
+def _trainable_groups(config: TinyVLMConfig, model: Llava) -> list[dict]:
+    """Stage 2's parameters: the projector (at `projector_lr`, if set) and the LM's LoRA (see
+    `_wrap_lora`), or its layers and final norm when `lora` is null. The tower, the embeddings
+    and the head stay frozen."""
+    model.requires_grad_(False)
+    projector = model.model.multi_modal_projector.requires_grad_(True)
+    language = model.model.language_model
+    if config.lora is not None:
+        for name, parameter in language.named_parameters():
+            parameter.requires_grad_("lora_" in name)
     else:
-        language = model.model.language_model
         language.layers.requires_grad_(True)
         language.norm.requires_grad_(True)
-    lm = [p for p in model.model.language_model.parameters() if p.requires_grad]
+    lm = [p for p in language.parameters() if p.requires_grad]
     rate = {"lr": config.projector_lr} if config.projector_lr else {}
     return [{"params": list(projector.parameters()), **rate}, {"params": lm}]
 
@@ -228,7 +236,7 @@ def align(
     (`caption_stage`, if set), then to answer questions (`align_stage`); the tower stays frozen and a
     LoRA is merged. Returns the model and each phase's loss per step."""
     torch.manual_seed(seed)
-    groups = _trainable_groups(config, model)
+    groups = _trainable_groups(config, _wrap_lora(config, model))
     rng = random.Random(f"align:{seed}")
     phases = {
         "caption": (config.caption_stage, lambda count: draw_captions(rng, count, config)),

@@ -69,6 +69,13 @@ def tokens_per_image(config: LlavaConfig) -> int:
     )[0]
 
 
+def served_tokens(config: LlavaConfig) -> int:
+    """Feature tokens per image in the prompt: the budget, or every token for method `none` (which
+    serves an unpruned LLaVA through this class: vLLM's own LLaVA module cannot load on CPU)."""
+    pruning, available = pruning_config(config), tokens_per_image(config)
+    return available if pruning.method == "none" else keep_count(pruning.keep, available)
+
+
 class PrunedLlavaProcessingInfo(BaseProcessingInfo):
     def get_hf_config(self) -> LlavaConfig:
         return self.ctx.get_hf_config(LlavaConfig)
@@ -80,8 +87,7 @@ class PrunedLlavaProcessingInfo(BaseProcessingInfo):
         return {"image": None}
 
     def get_num_image_tokens(self) -> int:
-        config = self.get_hf_config()
-        return keep_count(pruning_config(config).keep, tokens_per_image(config))
+        return served_tokens(self.get_hf_config())
 
     def get_image_size_with_most_features(self) -> ImageSize:
         size = self.get_hf_config().vision_config.image_size
@@ -231,6 +237,8 @@ class PrunedLlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
                 pixel_values, feature_select_strategy=self.config.vision_feature_select_strategy
             )
         features = self.multi_modal_projector(tokens)
+        if self.pruning.method == "none":
+            return tuple(features)
         images, available, _ = features.shape
 
         def qk(name: str) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -19,7 +19,7 @@ from lmkit.pruning.config import PruneConfig
 
 ARCHITECTURE = "LmkitPrunedLlavaForConditionalGeneration"
 PLUGIN_NAME = "lmkit_pruned_llava"
-VLLM_METHODS = ("freepruner_style", "random", "uniform")
+VLLM_METHODS = ("freepruner_style", "random", "uniform", "none")  # none: every token, no scoring
 
 
 def register() -> None:
