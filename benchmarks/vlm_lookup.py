@@ -7,8 +7,10 @@ to answer the scene questions with the scene given
 - `blend`: as the image's 256 patch vectors, each object patch the mean embedding of its colour,
   shape and side words and every other patch 'background': exactly stage 1b's anchoring target, so
   a perfect projector for it;
-- `words`: as 256 patch vectors, each object patch one of its words (colour, shape, side in turn,
-  in raster order).
+- `words`: as 256 patch vectors, each object patch one of its words by its column (colour, shape,
+  side for columns 0, 1, 2 mod 3), so along each row of an object the colour patch sits just before
+  the shape patch, as in text; a projector that reads each patch alone can produce it, since the
+  tower's features carry the patch's position.
 If `blend` stays at the answer priors while `words` or `text` learns, the anchoring target itself
 hides the key the LM's lookup needs, whatever the tower and projector learn.
 
@@ -21,7 +23,6 @@ Cost on 2 CPU cores with all 30 layers: `text` ~9 s a step of 16 questions (its 
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
 from pathlib import Path
@@ -35,24 +36,19 @@ from rich.progress import track
 
 from lmkit.loader import load_model
 from lmkit.modeling import truncate_layers
-from lmkit.pruning.scenes import COLOURS, SHAPES, ask, describe, make_scene, side_of
-from lmkit.pruning.tiny_vlm import _anchor_targets, _word_vectors
+from lmkit.pruning.scenes import COLOURS, SHAPES, describe, side_of
+from lmkit.pruning.tiny_vlm import _anchor_targets, _word_vectors, draw_scenes
+from lmkit.pruning.tiny_vlm_vision import StageOptimizer
+from lmkit.pruning.vlm_config import StageSpec, TinyVLMConfig
 from lmkit.report import write_report
 
 IMAGE = "<image>"
+SCENES = TinyVLMConfig()  # the recipe's scenes: 224 px, patch 14, 256 patches
 LORA = LoraConfig(
     r=16,
     lora_alpha=32,
     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 )
-
-
-def draw(rng: random.Random):
-    """One scene with at least one object and one question about it."""
-    while True:
-        scene = make_scene(rng)
-        if scene.objects:
-            return scene, ask(rng, scene)
 
 
 def patch_vectors(scene, words: dict[str, torch.Tensor], inputs: str) -> torch.Tensor:
@@ -62,8 +58,8 @@ def patch_vectors(scene, words: dict[str, torch.Tensor], inputs: str) -> torch.T
     out = words["background"].repeat(scene.grid * scene.grid, 1)
     for obj in scene.objects:
         cycle = [obj.colour, obj.shape, side_of(scene, obj)]
-        for k, patch in enumerate(np.flatnonzero(obj.patches.reshape(-1))):
-            out[patch] = words[cycle[k % 3]]
+        for patch in np.flatnonzero(obj.patches.reshape(-1)):
+            out[patch] = words[cycle[patch % scene.grid % 3]]
     return out
 
 
@@ -114,7 +110,7 @@ def evaluate(core, lm, words, inputs: str, items, batch_size: int = 16) -> list[
     return correct
 
 
-def train(args, inputs: str, held_out) -> list[dict]:
+def train(args, stage: StageSpec, inputs: str, held_out) -> list[dict]:
     """One LoRA run on one input form; its held-out accuracy every --eval-every steps."""
     torch.manual_seed(args.seed)
     lm = load_model({"source": "smollm2-135m", "dtype": "float32"})
@@ -123,27 +119,16 @@ def train(args, inputs: str, held_out) -> list[dict]:
     words = _word_vectors(lm.model, lm.tokenizer, [*COLOURS, *SHAPES, "left", "right", "background"])
     model = get_peft_model(lm.model, LORA)
     core = model.get_base_model()  # its modules carry the LoRA; calling them skips the full-vocab head
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    warmup = 20
-
-    def rate(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+    optimizer = StageOptimizer([p for p in model.parameters() if p.requires_grad], stage)
     rng, losses, points = random.Random(f"train:{args.seed}"), [], []
     core.train()
     for step in track(range(1, args.steps + 1), description=f"lookup from {inputs}"):
-        embeds, mask, labels = encode(lm, words, inputs, [draw(rng) for _ in range(args.batch_size)], True)
+        items = draw_scenes(rng, args.batch_size, SCENES)
+        embeds, mask, labels = encode(lm, words, inputs, items, with_answers=True)
         hidden = core.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :-1]
         where = labels[:, 1:] != -100
         loss = F.cross_entropy(core.lm_head(hidden[where]).float(), labels[:, 1:][where])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+        losses.append(optimizer.step(loss))
         if step % args.eval_every == 0 or step == args.steps:
             recent = losses[-25:]
             correct = evaluate(core, lm, words, inputs, held_out)
@@ -173,11 +158,23 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--questions", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    try:  # checked before any model loads: warm-up, cosine decay to 0 at the last step, clip 1.0
+        stage = StageSpec(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            schedule="cosine",
+            max_grad_norm=1.0,
+        )
+    except ValueError as error:
+        parser.error(str(error))
     eval_rng = random.Random("eval")
-    held_out = [draw(eval_rng) for _ in range(args.questions)]
+    held_out = draw_scenes(eval_rng, args.questions, SCENES)
     kinds = sorted({q.kind for _, q in held_out})
     majority = {k: Counter(q.answer for _, q in held_out if q.kind == k).most_common(1)[0][1] for k in kinds}
     counts = Counter(q.kind for _, q in held_out)
@@ -185,7 +182,7 @@ def main() -> int:
         round(sum(majority.values()) / len(held_out), 3)
     ]
     rows: list[list] = [["majority answer of each kind", "-", "-", *prior, "-"]]
-    points = [p for inputs in args.inputs for p in train(args, inputs, held_out)]
+    points = [p for inputs in args.inputs for p in train(args, stage, inputs, held_out)]
     for point in points:
         scores = per_kind(held_out, point["correct"])
         low, high = wilson(scores["all"], len(held_out))
@@ -196,11 +193,12 @@ def main() -> int:
         )
     notes = [
         f"command: `python benchmarks/vlm_lookup.py --inputs {' '.join(args.inputs)} --steps {args.steps} "
-        f"--lr {args.lr} --batch-size {args.batch_size} --questions {args.questions} --seed {args.seed}"
+        f"--lr {args.lr} --warmup-steps {args.warmup_steps} --batch-size {args.batch_size} "
+        f"--questions {args.questions} --seed {args.seed}"
         + (f" --layers {args.layers}`" if args.layers else "`"),
         f"LM: SmolLM2-135M-Instruct, {args.layers or 'all 30'} layers, LoRA r16 (attention and MLP), lr "
-        f"{args.lr}, 20 warm-up steps, cosine, clip 1.0, {args.batch_size} questions a step, "
-        "loss on the answer",
+        f"{args.lr}, {args.warmup_steps} warm-up steps, cosine, clip 1.0, {args.batch_size} questions a "
+        "step, loss on the answer",
         f"{len(held_out)} held-out questions (seed stream 'eval'); accuracy: the greedy first answer token "
         "is the gold word's; loss: mean of the last 25 steps",
         f"machine: {machine()}",
