@@ -10,12 +10,14 @@ Reads recipes/real/fdkt_sentiment.yaml (skips when ../shared/data is absent). Pe
 Accuracy on each client's held-out test set, mean with a 95% t-interval over seeds; the canary audit
 of the movies client (100 planted vs 100 fresh canaries) at each epsilon.
 
-    python benchmarks/fdkt_real.py [--seeds 0 1 2 3 4]
+    python benchmarks/fdkt_real.py [--seeds 0 1 2 3 4] [--report-only]
 
-Cost on 2 CPU cores: about 1.5 hours per seed (about 12 minutes per epsilon row). Finished stages
-under --output are reused, and each finished cell's numbers (accuracies, audit, epsilon spent) are
-committed under evals/results/raw/fdkt_real/seed<S>/, so a later run on a fresh machine adds the
-missing cells instead of redoing the finished ones.
+Cost on 2 CPU cores (measured 2026-12-03, seed 0): local only ~9 minutes; each epsilon ~30
+minutes (DP synthesis and the audit ~14, the server step and three client trainings ~16); each
+ablation ~15 minutes: about 2.8 hours a seed. Finished stages under --output are reused, and each
+finished cell's numbers (accuracies, audit, epsilon spent) are committed under
+evals/results/raw/fdkt_real/seed<S>/, so a later run on a fresh machine adds the missing cells
+instead of redoing the finished ones; `--report-only` rebuilds the table from those cells alone.
 """
 
 from __future__ import annotations
@@ -78,28 +80,38 @@ def variant_dir(step: dict[str, Any]) -> str:
     return "fdkt" if not step else "_".join(f"{k}-{v}" for k, v in step.items())
 
 
-def ledger_cells(epsilons: list[float]) -> list[str]:
-    """The ledger files of one finished seed."""
-    cells = ["local.json"]
+def row_name(name: str, epsilon: float) -> str:
+    if name == "FDKT":
+        return f"FDKT, epsilon {label(epsilon)}"
+    return f"{name} (epsilon {label(epsilon)})"
+
+
+def row_order(epsilons: list[float]) -> list[str]:
+    """Every row the table can have, in the order it prints them."""
+    names = ["local only"]
     for epsilon in epsilons:
         variants = ABLATIONS if epsilon == ABLATION_EPSILON else {"FDKT": {}}
-        cells += [f"eps_{label(epsilon)}_privacy.json"]
-        cells += [f"eps_{label(epsilon)}_{variant_dir(step)}.json" for step in variants.values()]
-    return cells
+        names += [row_name(name, epsilon) for name in variants]
+    return names
 
 
-def finished_seeds(epsilons: list[float]) -> list[int]:
-    """Seeds whose every cell is in the ledger, whichever run (or machine) measured them."""
-    folders = (LEDGER / "fdkt_real").glob("seed*")
-    return sorted(
-        int(f.name[4:]) for f in folders if all((f / cell).is_file() for cell in ledger_cells(epsilons))
-    )
+def ledger_seeds() -> list[int]:
+    """Seeds with at least one cell in the ledger, whichever run (or machine) measured them."""
+    return sorted(int(f.name[4:]) for f in (LEDGER / "fdkt_real").glob("seed*") if any(f.iterdir()))
 
 
-def one_seed(config: FDKTConfig, epsilons: list[float], out: Path, llm, embed) -> dict[str, Any]:
-    """{row: {client: accuracy}}, plus the audit and epsilon spent per epsilon."""
+def one_seed(
+    config: FDKTConfig, epsilons: list[float], out: Path, llm, embed, measure: bool = True
+) -> dict[str, Any]:
+    """{row: {client: accuracy}}, plus the audit and epsilon spent per epsilon. With `measure`
+    off, only the cells already in the ledger (the rest are left out, nothing runs)."""
     kept = LEDGER / "fdkt_real" / out.name  # small per-cell numbers, committed (see real_data.ledgered)
-    rows = {"local only": ledgered(kept / "local.json", lambda: train_all(config, {}, out / "local_only"))}
+
+    def cell(name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        return ledgered(kept / name, compute) if measure or (kept / name).is_file() else None
+
+    local = cell("local.json", lambda: train_all(config, {}, out / "local_only"))
+    rows = {"local only": {client: r["accuracy"] for client, r in local.items()}} if local else {}
     audits, spent = {}, {}
     for epsilon in epsilons:
         at = config.model_copy(update={"dp": config.dp.model_copy(update={"epsilon": epsilon})})
@@ -110,8 +122,9 @@ def one_seed(config: FDKTConfig, epsilons: list[float], out: Path, llm, embed) -
             audit = client_reports(c, s)[c.clients[0].name].get("audit", {})
             return {"audit": audit, "epsilon_spent": payloads[0]["epsilon"]}
 
-        synthesis = ledgered(kept / f"eps_{label(epsilon)}_privacy.json", privacy)
-        audits[label(epsilon)], spent[label(epsilon)] = synthesis["audit"], synthesis["epsilon_spent"]
+        synthesis = cell(f"eps_{label(epsilon)}_privacy.json", privacy)
+        if synthesis:
+            audits[label(epsilon)], spent[label(epsilon)] = synthesis["audit"], synthesis["epsilon_spent"]
         variants = ABLATIONS if epsilon == ABLATION_EPSILON else {"FDKT": {}}
         for name, step in variants.items():
             variant = at.model_copy(update={"server_step": at.server_step.model_copy(update=step)})
@@ -123,14 +136,11 @@ def one_seed(config: FDKTConfig, epsilons: list[float], out: Path, llm, embed) -
                     augmented[p], counts[payload["client"]] = server_augment(c, payload, llm, embed, c.seed)
                 return {"reports": train_all(c, augmented, w), "server": counts}
 
-            result = ledgered(kept / f"eps_{label(epsilon)}_{where.name}.json", federate)
-            row = name if name != "FDKT" else f"FDKT, epsilon {label(epsilon)}"
-            if name != "FDKT":
-                row += f" (epsilon {label(ABLATION_EPSILON)})"
-            rows[row] = {client: r["accuracy"] for client, r in result["reports"].items()} | {
-                "_server": result["server"]
-            }
-    rows["local only"] = {client: r["accuracy"] for client, r in rows["local only"].items()}
+            result = cell(f"eps_{label(epsilon)}_{where.name}.json", federate)
+            if result:
+                rows[row_name(name, epsilon)] = {c: r["accuracy"] for c, r in result["reports"].items()} | {
+                    "_server": result["server"]
+                }
     return {"rows": rows, "audit": audits, "epsilon_spent": spent}
 
 
@@ -145,41 +155,54 @@ def interval(values: list[float]) -> str:
 
 def main() -> int:
     parser = bench_parser(__doc__, "fdkt_real", seeds=PLANNED_SEEDS)
+    parser.add_argument(
+        "--report-only", action="store_true", help="measure nothing: the table from the ledger's cells"
+    )
     args = parser.parse_args()
     if missing():
         return 0
-    per_seed = {}
-    llm = embed = None
-    epsilons = load_recipe(RECIPE).epsilons
-    seeds = sorted(set(args.seeds) | set(finished_seeds(epsilons)))  # earlier runs' seeds count too
+    measured = [] if args.report_only else args.seeds
+    seeds = sorted(set(measured) | set(ledger_seeds()))  # earlier runs' seeds are read back, not rerun
+    if not seeds:
+        print("nothing to report: the ledger (evals/results/raw/fdkt_real/) is empty; drop --report-only")
+        return 2
+    per_seed, llm, embed = {}, None, None
     for seed in seeds:
         recipe = load_recipe(RECIPE, [f"seed={seed}"])
         config = recipe.fdkt.model_copy(update={"seed": seed})
-        if llm is None:
+        if llm is None and seed in measured:
             llm = LocalLLM(config.server)
             embed = server_embedder(config.server, llm)
-        per_seed[seed] = one_seed(config, recipe.epsilons, Path(args.output) / f"seed{seed}", llm, embed)
+        out = Path(args.output) / f"seed{seed}"
+        per_seed[seed] = one_seed(config, recipe.epsilons, out, llm, embed, measure=seed in measured)
     clients = [c.name for c in config.clients]
     headers = ["setup", *clients, "mean over clients", "seeds"]
     table = []
-    for row in per_seed[seeds[0]]["rows"]:
+    for row in row_order(recipe.epsilons):
         runs = [per_seed[s]["rows"][row] for s in seeds if row in per_seed[s]["rows"]]
+        if not runs:
+            table.append([row, *["not run yet"] * (len(clients) + 1), 0])
+            continue
         means = [statistics.mean(r[c] for c in clients) for r in runs]
         table.append([row, *(interval([r[c] for r in runs]) for c in clients), interval(means), len(runs)])
-    audit_rows = [
-        [
-            f"audit, epsilon {eps}",
-            *(interval([per_seed[s]["audit"][eps][k] for s in seeds]) for k in AUDIT),
-        ]
-        for eps in per_seed[seeds[0]]["audit"]
-    ]
+    audit_rows = []
+    for eps in map(label, recipe.epsilons):
+        audited = [per_seed[s]["audit"][eps] for s in seeds if eps in per_seed[s]["audit"]]
+        if audited:
+            audit_rows.append(
+                [f"epsilon {eps}", *(interval([a[k] for a in audited]) for k in AUDIT), len(audited)]
+            )
+    complete = sum(len(per_seed[s]["rows"]) == len(table) for s in seeds)
     title = "FDKT on real data: accuracy per client" + (
-        f" (PARTIAL: {len(seeds)} of {len(PLANNED_SEEDS)} seeds)" if len(seeds) < len(PLANNED_SEEDS) else ""
+        f" (PARTIAL: {complete} of {len(PLANNED_SEEDS)} seeds complete)"
+        if complete < len(PLANNED_SEEDS)
+        else ""
     )
     named = " ".join(map(str, seeds))
     notes = [
-        f"command: `python benchmarks/fdkt_real.py --seeds {named}` (seeds already in the ledger, "
-        "evals/results/raw/fdkt_real/, are read back, not rerun); recipe recipes/real/fdkt_sentiment.yaml",
+        f"command: `python benchmarks/fdkt_real.py --seeds {named}`; cells already in the ledger "
+        "(evals/results/raw/fdkt_real/seed<S>/) are read back, not rerun, and `--report-only` rebuilds "
+        "this table from them alone; recipe recipes/real/fdkt_sentiment.yaml",
         "clients (../shared/data), 200 private training records each (a seeded sample per seed): movies = "
         "sst2_train_5k.jsonl, tested on all 872 rows of sst2_dev.jsonl; tweets = tweeteval_sentiment_val"
         ".jsonl with neutral dropped, tested on 500 rows of tweeteval_sentiment_test.jsonl (neutral "
@@ -191,8 +214,8 @@ def main() -> int:
         "training rows (max 300 steps)",
         "each client sends 32 DP synthetic samples per label; the server returns up to 32 augmented "
         "samples per label; ablations reuse the epsilon-8 synthetic data of the same seed",
-        f"accuracy: mean [95% t-interval] over seeds {named}; 'mean over clients' averages the three "
-        "clients per seed first",
+        f"accuracy: mean [95% t-interval] over the seeds that measured the row (of {named}; the "
+        "'seeds' column counts them); 'mean over clients' averages the three clients per seed first",
         f"machine: {machine()}",
     ]
     audit_notes = [
@@ -206,7 +229,7 @@ def main() -> int:
     summary = (Path(args.output) / "report" / "summary.md").read_text()
     from lmkit.report import markdown_table
 
-    audit_md = markdown_table(["epsilon", *AUDIT], audit_rows)
+    audit_md = markdown_table(["epsilon", *AUDIT, "seeds"], audit_rows)
     Path(args.table).write_text(
         summary
         + "\n## Privacy audit\n\n"
