@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -121,3 +122,23 @@ def test_serving_refuses_methods_vllm_cannot_run_and_text_only_models(tmp_path):
         ServeConfig.model_validate({"model": "tiny-llava", "prune": {"positions": "keep"}})
     with pytest.raises(ConfigError, match="positions: renumber"):
         pruned_model_dir(materialize("tiny-llava"), PruneConfig(positions="keep"))
+
+
+def test_a_model_changed_in_place_gets_a_fresh_pruned_dir(tmp_path):
+    """The pruned sibling copies config.json: a model retrained (or its config mended) at the same
+    path must not be served with the stale copy."""
+    from lmkit.loader import materialize
+    from lmkit.pruning.vllm_plugin import pruned_model_dir
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for item in materialize("tiny-llava").iterdir():
+        (model / item.name).symlink_to(item)
+    (model / "config.json").unlink()
+    source = json.loads((materialize("tiny-llava") / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(source))
+    first = pruned_model_dir(model, PruneConfig(keep=KEEP))
+    assert pruned_model_dir(model, PruneConfig(keep=KEEP)) == first  # unchanged: reused
+    (model / "config.json").write_text(json.dumps({**source, "edited": True}))
+    second = pruned_model_dir(model, PruneConfig(keep=KEEP))
+    assert second != first and json.loads((second / "config.json").read_text())["edited"] is True

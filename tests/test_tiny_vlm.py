@@ -226,3 +226,15 @@ def test_align_batches_caption_the_configured_share_of_scenes():
         kinds = [[q.kind for q in questions] for _, questions in items]
         assert len(items) == 4 and kinds.count(["caption"]) == captions
         assert all("caption" not in k for k in kinds if k != ["caption"])
+
+
+def test_a_gguf_loaded_lm_leaves_no_quantization_config_in_the_saved_llava(tmp_path):
+    """The embedded SmolLM2 loads from a GGUF file, so its config names one; the LLaVA built from it
+    holds dequantized weights, and a saved config naming GGUF makes vLLM refuse to load it."""
+    config = load_recipe("recipes/train_tiny_vlm.yaml", TINY_VLM).vlm
+    loaded = load_model(config.lm)
+    loaded.model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "lm.gguf"}
+    model, _ = assemble(config, pretrain_vision(config, 0)[0], loaded.model, loaded.tokenizer)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "quantization_config" not in saved and "quantization_config" not in saved["text_config"]

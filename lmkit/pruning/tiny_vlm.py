@@ -15,6 +15,7 @@ The stages fit a CPU budget:
 
 from __future__ import annotations
 
+import copy
 import random
 
 import torch
@@ -61,7 +62,10 @@ def assemble(config: TinyVLMConfig, tower: CLIPVisionModel, lm, tokenizer) -> tu
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     lm = truncate_layers(lm, config.lm_layers) if config.lm_layers else lm
     lm.resize_token_embeddings(len(tokenizer))
-    text_config = lm.config
+    text_config = copy.deepcopy(lm.config)
+    # a GGUF-loaded LM (the embedded SmolLM2) carries its file's quantization_config, but its weights
+    # arrive here dequantized: saved with it, the LLaVA dir would send vLLM looking for a GGUF file
+    text_config.__dict__.pop("quantization_config", None)
     llava_config = LlavaConfig(
         vision_config=tower.config,
         text_config=text_config,

@@ -51,7 +51,9 @@ def pruned_model_dir(model_dir: Path, config: PruneConfig) -> Path:
             f"{hf_config.get('model_type')!r}. Fix: remove prune or serve a LLaVA-family model."
         )
     settings = config.model_dump(mode="json")
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    # the source config is in the key: a model retrained (or edited) in place gets a fresh sibling
+    keyed = json.dumps([settings, hf_config], sort_keys=True)
+    digest = hashlib.sha256(keyed.encode()).hexdigest()[:10]
     target = model_dir.with_name(f"{model_dir.name}-pruned-{digest}")
     if (target / "config.json").is_file():
         return target
