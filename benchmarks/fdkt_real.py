@@ -12,10 +12,10 @@ of the movies client (100 planted vs 100 fresh canaries) at each epsilon.
 
     python benchmarks/fdkt_real.py [--seeds 0 1 2 3 4] [--report-only]
 
-Cost on 2 CPU cores (measured 2026-12-03, seed 0): local only ~9 minutes; each epsilon ~30
-minutes (DP synthesis and the audit ~14, the server step and three client trainings ~16); each
-ablation ~15 minutes: about 2.8 hours a seed. Finished stages under --output are reused, and each
-finished cell's numbers (accuracies, audit, epsilon spent) are committed under
+Cost on 2 CPU cores (2026-12-03, seed 0): measured, local only ~9 minutes and epsilon 1 ~30
+minutes (DP synthesis and the audit ~14, the server step and three client trainings ~16);
+estimated, each ablation ~15 minutes: about 3 hours a seed. Finished stages under --output are
+reused, and each finished cell's numbers (accuracies, audit, epsilon spent) are committed under
 evals/results/raw/fdkt_real/seed<S>/, so a later run on a fresh machine adds the missing cells
 instead of redoing the finished ones; `--report-only` rebuilds the table from those cells alone.
 """
@@ -97,7 +97,10 @@ def row_order(epsilons: list[float]) -> list[str]:
 
 def ledger_seeds() -> list[int]:
     """Seeds with at least one cell in the ledger, whichever run (or machine) measured them."""
-    return sorted(int(f.name[4:]) for f in (LEDGER / "fdkt_real").glob("seed*") if any(f.iterdir()))
+    folders = (LEDGER / "fdkt_real").glob("seed*")
+    return sorted(
+        int(f.name[4:]) for f in folders if f.is_dir() and f.name[4:].isdigit() and any(f.iterdir())
+    )
 
 
 def one_seed(
@@ -159,7 +162,7 @@ def main() -> int:
         "--report-only", action="store_true", help="measure nothing: the table from the ledger's cells"
     )
     args = parser.parse_args()
-    if missing():
+    if not args.report_only and missing():
         return 0
     measured = [] if args.report_only else args.seeds
     seeds = sorted(set(measured) | set(ledger_seeds()))  # earlier runs' seeds are read back, not rerun
@@ -189,10 +192,19 @@ def main() -> int:
     for eps in map(label, recipe.epsilons):
         audited = [per_seed[s]["audit"][eps] for s in seeds if eps in per_seed[s]["audit"]]
         if audited:
+            spent_at = [per_seed[s]["epsilon_spent"][eps] for s in seeds if eps in per_seed[s]["audit"]]
             audit_rows.append(
-                [f"epsilon {eps}", *(interval([a[k] for a in audited]) for k in AUDIT), len(audited)]
+                [
+                    f"{eps} (spent {interval(spent_at)})",
+                    *(interval([a[k] for a in audited]) for k in AUDIT),
+                    len(audited),
+                ]
             )
-    complete = sum(len(per_seed[s]["rows"]) == len(table) for s in seeds)
+    complete = sum(
+        len(per_seed[s]["rows"]) == len(table) and len(per_seed[s]["audit"]) == len(recipe.epsilons)
+        for s in seeds
+        if s in PLANNED_SEEDS
+    )
     title = "FDKT on real data: accuracy per client" + (
         f" (PARTIAL: {complete} of {len(PLANNED_SEEDS)} seeds complete)"
         if complete < len(PLANNED_SEEDS)
@@ -200,9 +212,14 @@ def main() -> int:
     )
     named = " ".join(map(str, seeds))
     notes = [
-        f"command: `python benchmarks/fdkt_real.py --seeds {named}`; cells already in the ledger "
-        "(evals/results/raw/fdkt_real/seed<S>/) are read back, not rerun, and `--report-only` rebuilds "
-        "this table from them alone; recipe recipes/real/fdkt_sentiment.yaml",
+        (
+            "table rebuilt from the ledger alone (`python benchmarks/fdkt_real.py --report-only`); the "
+            f"cells were measured by `python benchmarks/fdkt_real.py --seeds {named}`"
+            if args.report_only
+            else f"command: `python benchmarks/fdkt_real.py --seeds {named}`"
+        )
+        + "; cells already in the ledger (evals/results/raw/fdkt_real/seed<S>/) are read back, not "
+        "rerun; recipe recipes/real/fdkt_sentiment.yaml",
         "clients (../shared/data), 200 private training records each (a seeded sample per seed): movies = "
         "sst2_train_5k.jsonl, tested on all 872 rows of sst2_dev.jsonl; tweets = tweeteval_sentiment_val"
         ".jsonl with neutral dropped, tested on 500 rows of tweeteval_sentiment_test.jsonl (neutral "
@@ -213,7 +230,9 @@ def main() -> int:
         "client task model: the first 4 SmolLM2 layers + a linear head, early stopping on 15% of its "
         "training rows (max 300 steps)",
         "each client sends 32 DP synthetic samples per label; the server returns up to 32 augmented "
-        "samples per label; ablations reuse the epsilon-8 synthetic data of the same seed",
+        "samples per label; ablations reuse the epsilon-8 synthetic data of the same seed when it is "
+        "still under --output (runs/ is not kept: a cell measured on another machine synthesized anew, "
+        "a fresh DP draw)",
         f"accuracy: mean [95% t-interval] over the seeds that measured the row (of {named}; the "
         "'seeds' column counts them); 'mean over clients' averages the three clients per seed first",
         f"machine: {machine()}",
@@ -229,7 +248,7 @@ def main() -> int:
     summary = (Path(args.output) / "report" / "summary.md").read_text()
     from lmkit.report import markdown_table
 
-    audit_md = markdown_table(["epsilon", *AUDIT, "seeds"], audit_rows)
+    audit_md = markdown_table(["epsilon (target)", *AUDIT, "seeds"], audit_rows)
     Path(args.table).write_text(
         summary
         + "\n## Privacy audit\n\n"

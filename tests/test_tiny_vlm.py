@@ -238,3 +238,4 @@ def test_a_gguf_loaded_lm_leaves_no_quantization_config_in_the_saved_llava(tmp_p
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert "quantization_config" not in saved and "quantization_config" not in saved["text_config"]
+    assert loaded.model.config.quantization_config["quant_method"] == "gguf"  # the caller's LM is untouched

@@ -51,7 +51,8 @@ def pruned_model_dir(model_dir: Path, config: PruneConfig) -> Path:
             f"{hf_config.get('model_type')!r}. Fix: remove prune or serve a LLaVA-family model."
         )
     settings = config.model_dump(mode="json")
-    # the source config is in the key: a model retrained (or edited) in place gets a fresh sibling
+    # the source config is in the key: a model whose config.json changed in place (a mend, another
+    # recipe) gets a fresh sibling; the weights are links, so a retrain with the same config is seen
     keyed = json.dumps([settings, hf_config], sort_keys=True)
     digest = hashlib.sha256(keyed.encode()).hexdigest()[:10]
     target = model_dir.with_name(f"{model_dir.name}-pruned-{digest}")
