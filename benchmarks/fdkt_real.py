@@ -80,6 +80,11 @@ def variant_dir(step: dict[str, Any]) -> str:
     return "fdkt" if not step else "_".join(f"{k}-{v}" for k, v in step.items())
 
 
+def variants_at(epsilon: float) -> dict[str, dict[str, Any]]:
+    """The server-step variants run at this epsilon: the ablations at ABLATION_EPSILON, else FDKT."""
+    return ABLATIONS if epsilon == ABLATION_EPSILON else {"FDKT": {}}
+
+
 def row_name(name: str, epsilon: float) -> str:
     if name == "FDKT":
         return f"FDKT, epsilon {label(epsilon)}"
@@ -90,7 +95,7 @@ def row_order(epsilons: list[float]) -> list[str]:
     """Every row the table can have, in the order it prints them."""
     names = ["local only"]
     for epsilon in epsilons:
-        variants = ABLATIONS if epsilon == ABLATION_EPSILON else {"FDKT": {}}
+        variants = variants_at(epsilon)
         names += [row_name(name, epsilon) for name in variants]
     return names
 
@@ -128,7 +133,7 @@ def one_seed(
         synthesis = cell(f"eps_{label(epsilon)}_privacy.json", privacy)
         if synthesis:
             audits[label(epsilon)], spent[label(epsilon)] = synthesis["audit"], synthesis["epsilon_spent"]
-        variants = ABLATIONS if epsilon == ABLATION_EPSILON else {"FDKT": {}}
+        variants = variants_at(epsilon)
         for name, step in variants.items():
             variant = at.model_copy(update={"server_step": at.server_step.model_copy(update=step)})
             where = stage / variant_dir(step)
