@@ -12,7 +12,13 @@ pytestmark = pytest.mark.slow
 
 def test_nf4_model_serves_and_answers(tmp_path):
     config = load_serve_config(
-        DEFAULT_SERVE_CONFIG, [f"port={free_port()}", "model.quantization=nf4", "engine.max_model_len=512"]
+        DEFAULT_SERVE_CONFIG,
+        [
+            f"port={free_port()}",
+            "model.quantization=nf4",
+            "engine.max_model_len=512",
+            "engine.extra_args=[--enforce-eager]",  # no torch.compile: test_serving_live covers it
+        ],
     )
     log = tmp_path / "vllm.log"
     with ServerProcess(config, log_path=log):

@@ -58,9 +58,20 @@ def test_materialized_copy_is_plain_safetensors_with_identical_logits(reference_
     torch.testing.assert_close(next_token_logits(reloaded, PROMPT), reference_logits, rtol=0, atol=0)
 
 
+def test_the_loaded_gguf_model_saves_as_a_plain_checkpoint(smollm2, tmp_path, reference_logits):
+    """What every recipe that saves a model does (a merged LoRA, MoLA's shared base): transformers
+    refuses to save a model it still marks GGUF-quantized, and vLLM refuses the config it carries."""
+    smollm2.model.save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    smollm2.tokenizer.save_pretrained(tmp_path)
+    reloaded = load_model(str(tmp_path))
+    torch.testing.assert_close(next_token_logits(reloaded, PROMPT), reference_logits, rtol=0, atol=0)
+
+
 def test_nf4_keeps_the_answer(reference_logits):
     quantized = load_model(ModelSpec(source="smollm2-135m", quantization="nf4"))
     assert type(quantized.model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert quantized.model.is_quantized  # dropping GGUF's quantization marks keeps bitsandbytes' own
     logits = next_token_logits(quantized, PROMPT)
     assert logits.argmax() == reference_logits.argmax()
 

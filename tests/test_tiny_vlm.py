@@ -229,8 +229,9 @@ def test_align_batches_caption_the_configured_share_of_scenes():
 
 
 def test_a_gguf_loaded_lm_leaves_no_quantization_config_in_the_saved_llava(tmp_path):
-    """The embedded SmolLM2 loads from a GGUF file, so its config names one; the LLaVA built from it
-    holds dequantized weights, and a saved config naming GGUF makes vLLM refuse to load it."""
+    """An LM loaded from a GGUF file by plain transformers names it in its config (lmkit's loader drops
+    it); the LLaVA built from it holds dequantized weights, and a saved config naming GGUF makes vLLM
+    refuse to load it."""
     config = load_recipe("recipes/train_tiny_vlm.yaml", TINY_VLM).vlm
     loaded = load_model(config.lm)
     loaded.model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "lm.gguf"}

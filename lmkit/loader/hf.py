@@ -132,6 +132,20 @@ def load_pretrained(
                 "(CUDA GPU, x86-64/aarch64 CPU)."
             ) from None
         raise
+    if gguf_file:
+        forget_gguf_quantization(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, processor
+
+
+def forget_gguf_quantization(model: PreTrainedModel) -> None:
+    """GGUF weights arrive dequantized, yet transformers still marks the model quantized: its
+    `save_pretrained` refuses to write it, and a config saved any other way names a GGUF quantization
+    that vLLM rejects. The weights are plain tensors, so drop the marks (a bitsandbytes quantization
+    of the same load keeps its own)."""
+    config = getattr(model.config, "quantization_config", None)
+    if getattr(config, "quant_method", None) == "gguf":  # a str enum
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False

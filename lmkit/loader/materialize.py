@@ -1,8 +1,8 @@
 """Write any model source as a plain safetensors directory in lmkit's cache.
 
 vLLM cannot load the embedded GGUF (its GGUF plugin is GPU-only) and tiny models exist only as
-code, so the server and other engines get a materialized copy. `save_pretrained` refuses a
-GGUF-loaded model, so the model is rebuilt from its config and the dequantized state dict.
+code, so the server and other engines get a materialized copy: the dequantized weights, saved in
+the asked dtype.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def cache_root() -> Path:
 
 
 def plain_copy(model: PreTrainedModel, dtype: str) -> PreTrainedModel:
-    """Rebuild a GGUF-loaded model as an ordinary one (no quantization_config, so `save_pretrained`
-    accepts it), same weights."""
+    """A fresh model with the same weights in `dtype`, for saving; `model` keeps its own dtype. A
+    leftover GGUF quantization_config (a model loaded outside lmkit's loader) is dropped."""
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -63,8 +63,8 @@ def assemble(config: TinyVLMConfig, tower: CLIPVisionModel, lm, tokenizer) -> tu
     lm = truncate_layers(lm, config.lm_layers) if config.lm_layers else lm
     lm.resize_token_embeddings(len(tokenizer))
     text_config = copy.deepcopy(lm.config)
-    # a GGUF-loaded LM (the embedded SmolLM2) carries its file's quantization_config, but its weights
-    # arrive here dequantized: saved with it, the LLaVA dir would send vLLM looking for a GGUF file
+    # an LM loaded from GGUF by plain transformers (lmkit's loader drops it) carries its file's
+    # quantization_config over dequantized weights: saved, it would send vLLM looking for a GGUF file
     text_config.__dict__.pop("quantization_config", None)
     llava_config = LlavaConfig(
         vision_config=tower.config,
