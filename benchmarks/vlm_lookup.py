@@ -5,20 +5,20 @@ only the LM (SmolLM2-135M, all layers or the first --layers, a LoRA r16 on atten
 to answer the scene questions with the scene given
 - `text`: as words ("Objects: small red circle on the left, ...") in place of the image;
 - `blend`: as the image's 256 patch vectors, each object patch the mean embedding of its colour,
-  shape and side words and every other patch 'background': exactly stage 1b's anchoring target, so
-  a perfect projector for it;
+  shape and side words and every other patch 'background' (stage 1b's `anchor_target: blend`), so
+  what a perfect projector for that target gives;
 - `words`: as 256 patch vectors, each object patch one of its words by its column (colour, shape,
   side for columns 0, 1, 2 mod 3), so along each row of an object the colour patch sits just before
-  the shape patch, as in text; a projector that reads each patch alone can produce it, since the
-  tower's features carry the patch's position.
+  the shape patch, as in text (`anchor_target: words`); a projector that reads each patch alone can
+  produce it, since the tower's features carry the patch's position.
 If `blend` stays at the answer priors while `words` or `text` learns, the anchoring target itself
 hides the key the LM's lookup needs, whatever the tower and projector learn.
 
     python benchmarks/vlm_lookup.py --inputs text blend words [--layers 12] [--steps 150]
 
-Cost on 2 CPU cores with all 30 layers: `text` ~9 s a step of 16 questions (its 50-step run reached
-0.89, evals/results/tiny_vlm_training.md); `blend` and `words` carry 256 patch vectors a question,
-~4x the tokens, so use --batch-size 8 and few steps here, or a GPU session.
+Cost on 2 CPU cores with all 30 layers, 16 questions a step (2026-12-03): `text` ~9 s a step;
+`blend` and `words` carry 256 patch vectors a question, ~4x the tokens: ~55 s a step and ~17 GB
+of memory, so 50 steps of one form take ~50 minutes here.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from rich.progress import track
 
 from lmkit.loader import load_model
 from lmkit.modeling import truncate_layers
-from lmkit.pruning.scenes import COLOURS, SHAPES, describe, side_of
+from lmkit.pruning.scenes import COLOURS, SHAPES, describe
 from lmkit.pruning.tiny_vlm import _anchor_targets, _word_vectors, draw_scenes
 from lmkit.pruning.tiny_vlm_vision import StageOptimizer
 from lmkit.pruning.vlm_config import StageSpec, TinyVLMConfig
@@ -52,15 +52,8 @@ LORA = LoraConfig(
 
 
 def patch_vectors(scene, words: dict[str, torch.Tensor], inputs: str) -> torch.Tensor:
-    """[grid^2, d]: what a perfect projector would give the LM for this scene."""
-    if inputs == "blend":
-        return _anchor_targets([scene], words)[0]
-    out = words["background"].repeat(scene.grid * scene.grid, 1)
-    for obj in scene.objects:
-        cycle = [obj.colour, obj.shape, side_of(scene, obj)]
-        for patch in np.flatnonzero(obj.patches.reshape(-1)):
-            out[patch] = words[cycle[patch % scene.grid % 3]]
-    return out
+    """[grid^2, d]: what a perfect projector would give the LM for this scene (stage 1b's target)."""
+    return _anchor_targets([scene], words, inputs)[0]
 
 
 def encode(lm, words, inputs: str, items, with_answers: bool):
@@ -135,6 +128,7 @@ def train(args, stage: StageSpec, inputs: str, held_out) -> list[dict]:
             points.append(
                 {"inputs": inputs, "step": step, "loss": sum(recent) / len(recent), "correct": correct}
             )
+            print(f"{inputs} step {step}: loss {points[-1]['loss']:.3f}, accuracy {np.mean(correct):.3f}")
     return points
 
 
@@ -182,15 +176,22 @@ def main() -> int:
         round(sum(majority.values()) / len(held_out), 3)
     ]
     rows: list[list] = [["majority answer of each kind", "-", "-", *prior, "-"]]
-    points = [p for inputs in args.inputs for p in train(args, stage, inputs, held_out)]
-    for point in points:
-        scores = per_kind(held_out, point["correct"])
-        low, high = wilson(scores["all"], len(held_out))
-        rows.append(
-            [point["inputs"], point["step"], round(point["loss"], 3)]
-            + [round(scores[k], 3) for k in [*kinds, "all"]]
-            + [f"[{low:.3f}, {high:.3f}]"]
-        )
+    points: list[dict] = []
+    for inputs in args.inputs:  # the table is rewritten after each form: a stopped run keeps its rows
+        for point in train(args, stage, inputs, held_out):
+            points.append(point)
+            scores = per_kind(held_out, point["correct"])
+            low, high = wilson(scores["all"], len(held_out))
+            rows.append(
+                [point["inputs"], point["step"], round(point["loss"], 3)]
+                + [round(scores[k], 3) for k in [*kinds, "all"]]
+                + [f"[{low:.3f}, {high:.3f}]"]
+            )
+        report(args, held_out, kinds, rows, points)
+    return 0
+
+
+def report(args, held_out, kinds: list[str], rows: list[list], points: list[dict]) -> None:
     notes = [
         f"command: `python benchmarks/vlm_lookup.py --inputs {' '.join(args.inputs)} --steps {args.steps} "
         f"--lr {args.lr} --warmup-steps {args.warmup_steps} --batch-size {args.batch_size} "
@@ -210,7 +211,6 @@ def main() -> int:
         output, "The scene lookup without a tower: what the LM can read", results, headers, rows, notes
     )
     Path(args.table).write_text((output / "summary.md").read_text())
-    return 0
 
 
 if __name__ == "__main__":

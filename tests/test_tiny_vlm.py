@@ -83,21 +83,25 @@ def test_train_vlm_recipe_saves_a_llava_dir_the_loader_and_pruning_take(tmp_path
     assert rerun["accuracy"] == results["accuracy"]
 
 
-def test_anchor_targets_put_each_objects_words_on_its_patches():
+@pytest.mark.parametrize("form", ["blend", "words"])
+def test_anchor_targets_put_each_objects_words_on_its_patches(form):
     torch.manual_seed(0)
     words = {w: torch.randn(8) for w in [*COLOURS, *SHAPES, "left", "right", "background"]}
-    scene = make_scene(random.Random(0), 56, 14)
-    targets = _anchor_targets([scene], words)[0]
+    scene = make_scene(random.Random(0), 224, 14)  # objects span several patch columns
+    targets = _anchor_targets([scene], words, form)[0]
     masks = [torch.from_numpy(o.patches.reshape(-1)) for o in scene.objects]
     owners = torch.stack(masks).sum(0)
-    checked = 0
+    torch.testing.assert_close(targets[owners == 0], words["background"].expand(int((owners == 0).sum()), 8))
+    columns = set()
     for obj, mask in zip(scene.objects, masks, strict=True):
         side = "left" if obj.center[0] < scene.image.width / 2 else "right"
-        expected = (words[obj.colour] + words[obj.shape] + words[side]) / 3
-        for patch in (mask & (owners == 1)).nonzero()[:, 0]:  # patches of this object alone
+        named = [words[obj.colour], words[obj.shape], words[side]]
+        for patch in (mask & (owners == 1)).nonzero()[:, 0].tolist():  # patches of this object alone
+            column = patch % scene.grid
+            expected = sum(named) / 3 if form == "blend" else named[column % 3]
             torch.testing.assert_close(targets[patch], expected)
-            checked += 1
-    assert checked > 0
+            columns.add(column % 3)
+    assert columns == {0, 1, 2}  # every word placed somewhere
     background = owners == 0
     torch.testing.assert_close(targets[background], words["background"].expand(int(background.sum()), 8))
     loaded = load_model("tiny-llama")

@@ -4,8 +4,9 @@ something (no trained vision-language weights can be downloaded on lmkit's machi
 The stages fit a CPU budget:
 1. The CLIP-style vision tower learns the scenes alone (`lmkit.pruning.tiny_vlm_vision`).
 1b. (`anchor_stage`) The projector alone learns to place each object patch near the LM's input
-   embeddings of its colour, shape and side words: LLaVA's projector-only alignment stage, with
-   word targets instead of captions, so it needs no LM forward.
+   embeddings of its colour, shape and side words (`anchor_target`: their mean, or one word per
+   patch column): LLaVA's projector-only alignment stage, with word targets instead of captions,
+   so it needs no LM forward.
 2. The projector and the (layer-truncated) language model, fully or through a LoRA, first learn to
    list each scene's objects (a caption phase, as LLaVA aligns on captions), then to answer
    questions about the scenes (several per scene, as the turns of one chat), the tower frozen. A
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
@@ -94,17 +96,19 @@ def _word_vectors(model: Llava, tokenizer, words: list[str]) -> dict[str, torch.
     return {w: table[tokenizer(" " + w, add_special_tokens=False).input_ids].mean(0) for w in words}
 
 
-def _anchor_targets(scenes: list[Scene], words: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[n, grid^2, d]: per patch, the mean vector of its object's colour, shape and side words
-    (side as the questions define it: the object's centre in the left or right half), else
-    'background'."""
+def _anchor_targets(scenes: list[Scene], words: dict[str, torch.Tensor], form: str = "blend") -> torch.Tensor:
+    """[n, grid^2, d]: per object patch, its object's colour, shape and side words (side as the
+    questions define it: the object's centre in the left or right half); 'background' elsewhere.
+    `blend`: every patch the mean of the three; `words`: one word per patch by its column (colour,
+    shape, side for columns 0, 1, 2 mod 3), so along a row the colour sits just before the shape,
+    as in text."""
     out = []
     for scene in scenes:
         target = words["background"].repeat(scene.grid * scene.grid, 1)
         for obj in scene.objects:
-            target[obj.patches.reshape(-1)] = (
-                words[obj.colour] + words[obj.shape] + words[side_of(scene, obj)]
-            ) / 3
+            named = [words[obj.colour], words[obj.shape], words[side_of(scene, obj)]]
+            for patch in np.flatnonzero(obj.patches.reshape(-1)):
+                target[patch] = sum(named) / 3 if form == "blend" else named[patch % scene.grid % 3]
         out.append(target)
     return torch.stack(out)
 
@@ -131,7 +135,8 @@ def anchor_projector(
             features = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[
                 config.feature_layer
             ]
-        losses.append(optimizer.step(F.mse_loss(projector(features[:, 1:]), _anchor_targets(scenes, words))))
+        targets = _anchor_targets(scenes, words, config.anchor_target)
+        losses.append(optimizer.step(F.mse_loss(projector(features[:, 1:]), targets)))
     return losses
 
 

@@ -65,6 +65,12 @@ class TinyVLMConfig(StrictModel):
         description="projector-only warm-up before align_stage: object patches mapped near the LM's "
         "embeddings of their colour, shape and side words (no LM forward); unset: none",
     )
+    anchor_target: Literal["blend", "words"] = Field(
+        "blend",
+        description="anchor_stage's target per object patch: blend (the mean of its colour, shape and "
+        "side words) or words (one of them by patch column); fed as ideal patches, the full LM learns "
+        "the lookup from words, not from blend (evals/results/vlm_lookup.md)",
+    )
     caption_stage: StageSpec | None = Field(
         None,
         description="before align_stage, the same parameters learn to list each scene's objects from "
