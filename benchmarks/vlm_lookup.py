@@ -17,8 +17,8 @@ hides the key the LM's lookup needs, whatever the tower and projector learn.
     python benchmarks/vlm_lookup.py --inputs text blend words [--layers 12] [--steps 150]
 
 Cost on 2 CPU cores with all 30 layers, 16 questions a step (2026-12-03): `text` ~9 s a step;
-`blend` and `words` carry 256 patch vectors a question, ~4x the tokens: ~55 s a step and ~17 GB
-of memory, so 50 steps of one form take ~50 minutes here.
+`blend` and `words` carry 256 patch vectors a question, ~4x the tokens: ~45 s a step and ~17 GB
+of memory, so 50 steps of one form take ~40 minutes here.
 """
 
 from __future__ import annotations
