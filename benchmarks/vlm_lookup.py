@@ -177,7 +177,7 @@ def main() -> int:
     ]
     rows: list[list] = [["majority answer of each kind", "-", "-", *prior, "-"]]
     points: list[dict] = []
-    for inputs in args.inputs:  # the table is rewritten after each form: a stopped run keeps its rows
+    for inputs in args.inputs:  # the table is rewritten after each form: a stopped run keeps the forms done
         for point in train(args, stage, inputs, held_out):
             points.append(point)
             scores = per_kind(held_out, point["correct"])

@@ -2,16 +2,19 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from helpers import hide_module, make_lora_adapter, next_token_logits
 from PIL import Image
+from transformers import BitsAndBytesConfig, GgufConfig
 
 from lmkit.errors import ModelSourceError
 from lmkit.io import write_dir_atomic
 from lmkit.loader import ModelSpec, load_model, materialize
+from lmkit.loader.hf import forget_gguf_quantization
 from lmkit.loader.materialize import MARKER
 
 
@@ -23,6 +26,21 @@ def test_tiny_llama_is_deterministic_and_generates():
         ids, max_new_tokens=5, do_sample=False, pad_token_id=first.tokenizer.pad_token_id
     )
     assert out.shape[1] == ids.shape[1] + 5
+
+
+@pytest.mark.parametrize("case", ["gguf", "gguf, still packed", "bitsandbytes"])
+def test_only_a_dequantized_gguf_load_loses_its_quantization_marks(case):
+    """The marks transformers leaves on a dequantized GGUF load stop `save_pretrained`; marks that
+    are true (packed GGUF weights, bitsandbytes) must stay."""
+    model = load_model("tiny-llama").model
+    quantizer = SimpleNamespace(packed_modules={"lm_head": object()} if "packed" in case else {})
+    quantizer.remove_quantization_config = lambda m: None  # transformers' own is checked on SmolLM2
+    model.config.quantization_config = GgufConfig() if case.startswith("gguf") else BitsAndBytesConfig()
+    model.hf_quantizer, model.is_quantized = quantizer, True
+    forget_gguf_quantization(model)
+    kept = case != "gguf"
+    assert hasattr(model.config, "quantization_config") is kept
+    assert (model.hf_quantizer is quantizer) is kept and model.is_quantized is kept
 
 
 def test_local_directory_source_matches_the_alias():

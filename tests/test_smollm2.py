@@ -71,7 +71,7 @@ def test_the_loaded_gguf_model_saves_as_a_plain_checkpoint(smollm2, tmp_path, re
 def test_nf4_keeps_the_answer(reference_logits):
     quantized = load_model(ModelSpec(source="smollm2-135m", quantization="nf4"))
     assert type(quantized.model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
-    assert quantized.model.is_quantized  # dropping GGUF's quantization marks keeps bitsandbytes' own
+    assert quantized.model.is_quantized
     logits = next_token_logits(quantized, PROMPT)
     assert logits.argmax() == reference_logits.argmax()
 

@@ -92,21 +92,26 @@ def test_anchor_targets_put_each_objects_words_on_its_patches(form):
     masks = [torch.from_numpy(o.patches.reshape(-1)) for o in scene.objects]
     owners = torch.stack(masks).sum(0)
     torch.testing.assert_close(targets[owners == 0], words["background"].expand(int((owners == 0).sum()), 8))
-    columns = set()
     for obj, mask in zip(scene.objects, masks, strict=True):
         side = "left" if obj.center[0] < scene.image.width / 2 else "right"
         named = [words[obj.colour], words[obj.shape], words[side]]
+        columns = set()
         for patch in (mask & (owners == 1)).nonzero()[:, 0].tolist():  # patches of this object alone
             column = patch % scene.grid
             expected = sum(named) / 3 if form == "blend" else named[column % 3]
             torch.testing.assert_close(targets[patch], expected)
             columns.add(column % 3)
-    assert columns == {0, 1, 2}  # every word placed somewhere
-    background = owners == 0
-    torch.testing.assert_close(targets[background], words["background"].expand(int(background.sum()), 8))
+        assert columns == {0, 1, 2}  # each object shows all three of its words
+    with pytest.raises(ConfigError, match="anchor_target.*use blend or words"):
+        _anchor_targets([scene], words, "mean")
+
+
+def test_word_vectors_are_the_lms_input_embeddings():
     loaded = load_model("tiny-llama")
     vectors = _word_vectors(loaded.model, loaded.tokenizer, ["red", "left"])
-    assert vectors["red"].shape == (loaded.model.config.hidden_size,)
+    table = loaded.model.get_input_embeddings().weight
+    ids = loaded.tokenizer(" red", add_special_tokens=False).input_ids
+    torch.testing.assert_close(vectors["red"], table[ids].mean(0).detach())
 
 
 def test_training_chats_label_each_answer_and_start_with_the_eval_prompt(tmp_path):

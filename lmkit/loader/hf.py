@@ -140,12 +140,20 @@ def load_pretrained(
 
 
 def forget_gguf_quantization(model: PreTrainedModel) -> None:
-    """GGUF weights arrive dequantized, yet transformers still marks the model quantized: its
-    `save_pretrained` refuses to write it, and a config saved any other way names a GGUF quantization
-    that vLLM rejects. The weights are plain tensors, so drop the marks (a bitsandbytes quantization
-    of the same load keeps its own)."""
+    """transformers dequantizes the GGUF architectures lmkit's sources use (Llama and the like) on
+    load, yet still marks the model quantized: its `save_pretrained` refuses to write it, and a
+    config saved any other way names a GGUF quantization that vLLM rejects. Drop the marks, unless
+    some weights stayed packed (a GGUF kernel kept them quantized), where the marks are true.
+    (nf4/int8 never get here: they load from the materialized copy, not the GGUF file.)"""
+    quantizer = getattr(model, "hf_quantizer", None)
     config = getattr(model.config, "quantization_config", None)
-    if getattr(config, "quant_method", None) == "gguf":  # a str enum
-        del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
+    if getattr(config, "quant_method", None) != "gguf":  # GgufConfig's is a str enum
+        return
+    if getattr(quantizer, "packed_modules", None):  # a GGUF kernel kept these quantized
+        return
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)  # transformers' own: config, quantizer, flags
+    model.config.__dict__.pop("quantization_config", None)
+    model.config.__dict__.pop("_is_quantized", None)
+    model.hf_quantizer = None
+    model.is_quantized = False

@@ -7,6 +7,7 @@ the asked dtype.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -30,9 +31,10 @@ def cache_root() -> Path:
 
 
 def plain_copy(model: PreTrainedModel, dtype: str) -> PreTrainedModel:
-    """A fresh model with the same weights in `dtype`, for saving; `model` keeps its own dtype. A
-    leftover GGUF quantization_config (a model loaded outside lmkit's loader) is dropped."""
-    config = model.config
+    """A fresh model with the same weights in `dtype`, for saving; `model` and its config stay as
+    they are. A quantization_config is dropped from the copy: the weights here are plain tensors
+    (a GGUF model loaded outside lmkit's loader still names its file's quantization)."""
+    config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.device("meta"):

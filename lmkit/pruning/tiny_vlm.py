@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import random
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
@@ -96,19 +96,28 @@ def _word_vectors(model: Llava, tokenizer, words: list[str]) -> dict[str, torch.
     return {w: table[tokenizer(" " + w, add_special_tokens=False).input_ids].mean(0) for w in words}
 
 
-def _anchor_targets(scenes: list[Scene], words: dict[str, torch.Tensor], form: str = "blend") -> torch.Tensor:
+def _anchor_targets(
+    scenes: list[Scene], words: dict[str, torch.Tensor], form: Literal["blend", "words"] = "blend"
+) -> torch.Tensor:
     """[n, grid^2, d]: per object patch, its object's colour, shape and side words (side as the
     questions define it: the object's centre in the left or right half); 'background' elsewhere.
     `blend`: every patch the mean of the three; `words`: one word per patch by its column (colour,
     shape, side for columns 0, 1, 2 mod 3), so along a row the colour sits just before the shape,
     as in text."""
+    if form not in ("blend", "words"):
+        raise ConfigError(f"vlm.anchor_target: {form!r} is not a target; use blend or words.")
     out = []
     for scene in scenes:
         target = words["background"].repeat(scene.grid * scene.grid, 1)
+        column = torch.arange(scene.grid * scene.grid) % scene.grid
         for obj in scene.objects:
+            mask = torch.from_numpy(obj.patches.reshape(-1))
             named = [words[obj.colour], words[obj.shape], words[side_of(scene, obj)]]
-            for patch in np.flatnonzero(obj.patches.reshape(-1)):
-                target[patch] = sum(named) / 3 if form == "blend" else named[patch % scene.grid % 3]
+            if form == "blend":
+                target[mask] = (named[0] + named[1] + named[2]) / 3
+            else:
+                for k, word in enumerate(named):
+                    target[mask & (column % 3 == k)] = word
         out.append(target)
     return torch.stack(out)
 
