@@ -17,7 +17,7 @@ def test_nf4_model_serves_and_answers(tmp_path):
             f"port={free_port()}",
             "model.quantization=nf4",
             "engine.max_model_len=512",
-            "engine.extra_args=[--enforce-eager]",  # no torch.compile: test_serving_live covers it
+            "engine.extra_args=[--enforce-eager]",  # no torch.compile; test_serving_live compiles
         ],
     )
     log = tmp_path / "vllm.log"
