@@ -37,7 +37,8 @@ from rich.progress import track
 from lmkit.loader import load_model
 from lmkit.modeling import truncate_layers
 from lmkit.pruning.scenes import COLOURS, SHAPES, describe
-from lmkit.pruning.tiny_vlm import _anchor_targets, _word_vectors, draw_scenes
+from lmkit.pruning.tiny_vlm import draw_scenes
+from lmkit.pruning.tiny_vlm_anchor import _anchor_targets, _word_vectors
 from lmkit.pruning.tiny_vlm_vision import StageOptimizer
 from lmkit.pruning.vlm_config import StageSpec, TinyVLMConfig
 from lmkit.report import write_report

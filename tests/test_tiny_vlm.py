@@ -15,16 +15,15 @@ from lmkit.pruning.config import PruneConfig
 from lmkit.pruning.llava import PrunedLlava
 from lmkit.pruning.scenes import COLOURS, SHAPES, asked_shape, describe, make_scene, side_of
 from lmkit.pruning.tiny_vlm import (
-    _anchor_targets,
     _answer_batch,
     _trainable_groups,
-    _word_vectors,
     _wrap_lora,
     assemble,
     draw_answer_batch,
     draw_conversations,
     prompt,
 )
+from lmkit.pruning.tiny_vlm_anchor import _anchor_targets, _word_vectors, nearest_own_target
 from lmkit.pruning.tiny_vlm_vision import (
     PATCH_FACTORS,
     StageOptimizer,
@@ -52,15 +51,21 @@ TINY_VLM = [
 ]
 
 
-@pytest.mark.parametrize("tuning", ["null", "{r: 4, alpha: 8, dropout: 0.0}"], ids=["full", "lora"])
-def test_train_vlm_recipe_saves_a_llava_dir_the_loader_and_pruning_take(tmp_path, tuning):
-    overrides = [*TINY_VLM, f"vlm.lora={tuning}", f"output_dir={tmp_path}"]
+@pytest.mark.parametrize(
+    ("tuning", "target"),
+    [("null", "blend"), ("{r: 4, alpha: 8, dropout: 0.0}", "words")],
+    ids=["full-blend", "lora-words"],
+)
+def test_train_vlm_recipe_saves_a_llava_dir_the_loader_and_pruning_take(tmp_path, tuning, target):
+    overrides = [*TINY_VLM, f"vlm.lora={tuning}", f"vlm.anchor_target={target}", f"output_dir={tmp_path}"]
     recipe = load_recipe("recipes/train_tiny_vlm.yaml", overrides)
     results = run_recipe(recipe)
     assert set(results["accuracy"]) >= {"all"} and 0 <= results["accuracy"]["all"] <= 1
     assert results["anchor_loss"]["last"] < results["anchor_loss"]["first"]  # the projector learned
-    assert set(results["vision_probe"]) == {"shape", "colour", "side"}
-    assert all(0 <= v <= 1 for v in results["vision_probe"].values())
+    words = target == "words"  # the tower learns the column phase, and the hits are told per word
+    assert set(results["vision_probe"]) == {"shape", "colour", "side"} | ({"phase"} if words else set())
+    assert set(results["anchor_hits"]) == {"all"} | ({"colour", "shape", "side"} if words else set())
+    assert all(0 <= v <= 1 for key in ("vision_probe", "anchor_hits") for v in results[key].values())
     assert list(results["align_loss"]) == ["caption", "answers"]  # both phases ran, in that order
     assert all(
         curve["steps"] == 2 and len(curve["mean_per_chunk"]) == 2 for curve in results["align_loss"].values()
@@ -106,6 +111,17 @@ def test_anchor_targets_put_each_objects_words_on_its_patches(form):
         _anchor_targets([scene], words, "mean")
 
 
+def test_an_anchoring_hit_is_an_output_nearest_its_own_target_among_all_targets():
+    words = torch.eye(4)
+    targets = torch.stack([words[[0, 1, 2, 3]], words[[3, 3, 0, 1]]])  # [2 scenes, 4 patches, d]
+    outputs = targets * 5 + 0.1  # scaled and shifted: cosine still picks the right word
+    assert nearest_own_target(outputs, targets).all()
+    outputs[0, 1] = words[2]  # the colour of one patch where its shape should be
+    outputs[1, 0] = words[0] + words[3] * 1.1  # nearer its own word, though not on it
+    expected = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    assert torch.equal(nearest_own_target(outputs, targets), expected)
+
+
 def test_word_vectors_are_the_lms_input_embeddings():
     loaded = load_model("tiny-llama")
     vectors = _word_vectors(loaded.model, loaded.tokenizer, ["red", "left"])
@@ -139,6 +155,9 @@ def test_vision_targets_name_each_patch_s_shape_colour_and_side_and_balance_the_
     scenes = [make_scene(random.Random(seed), 56, 14) for seed in range(3)]
     labels, presence = _vision_targets(scenes)
     assert set(labels) == set(PATCH_FACTORS) and presence.shape == (3, len(COLOURS) * len(SHAPES))
+    phased, _ = _vision_targets(scenes, with_phase=True)  # for anchor_target: words
+    assert phased["phase"].tolist() == [[0, 1, 2, 0] * 4] * 3  # grid 4: every patch's column mod 3
+    assert all(torch.equal(phased[f], labels[f]) for f in PATCH_FACTORS)
     for row, scene in enumerate(scenes):
         owners = sum(o.patches.reshape(-1).astype(int) for o in scene.objects)
         for obj in scene.objects:

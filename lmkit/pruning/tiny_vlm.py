@@ -3,10 +3,10 @@ something (no trained vision-language weights can be downloaded on lmkit's machi
 
 The stages fit a CPU budget:
 1. The CLIP-style vision tower learns the scenes alone (`lmkit.pruning.tiny_vlm_vision`).
-1b. (`anchor_stage`) The projector alone learns to place each object patch near the LM's input
-   embeddings of its colour, shape and side words (`anchor_target`: their mean, or one word per
-   patch column): LLaVA's projector-only alignment stage, with word targets instead of captions,
-   so it needs no LM forward.
+1b. (`anchor_stage`, `lmkit.pruning.tiny_vlm_anchor`) The projector alone learns to place each
+   object patch near the LM's input embeddings of its colour, shape and side words (`anchor_target`:
+   their mean, or one word per patch column): LLaVA's projector-only alignment stage, with word
+   targets instead of captions, so it needs no LM forward.
 2. The projector and the (layer-truncated) language model, fully or through a LoRA, first learn to
    list each scene's objects (a caption phase, as LLaVA aligns on captions), then to answer
    questions about the scenes (several per scene, as the turns of one chat), the tower frozen. A
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import random
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,22 +30,16 @@ from lmkit.errors import ConfigError
 from lmkit.generation import format_prompt
 from lmkit.modeling import truncate_layers
 from lmkit.pruning.scenes import (
-    COLOURS,
-    SHAPES,
     Question,
     Scene,
     ask,
     asked_shape,
     describe,
     make_scene,
-    side_of,
 )
+from lmkit.pruning.tiny_vlm_anchor import fresh_scenes
 from lmkit.pruning.tiny_vlm_vision import StageOptimizer, image_processor
 from lmkit.pruning.vlm_config import TinyVLMConfig
-
-
-def fresh_scenes(rng: random.Random, count: int, config: TinyVLMConfig) -> list[Scene]:
-    return [make_scene(rng, config.image_size, config.patch_size) for _ in range(count)]
 
 
 def draw_scenes(rng: random.Random, count: int, config: TinyVLMConfig) -> list[tuple[Scene, Question]]:
@@ -88,65 +81,6 @@ def assemble(config: TinyVLMConfig, tower: CLIPVisionModel, lm, tokenizer) -> tu
         chat_template=tokenizer.chat_template,
     )
     return model.eval(), processor
-
-
-def _word_vectors(model: Llava, tokenizer, words: list[str]) -> dict[str, torch.Tensor]:
-    """The LM's input embedding of each word as it appears mid-sentence (mean over its tokens)."""
-    table = model.get_input_embeddings().weight.detach()
-    return {w: table[tokenizer(" " + w, add_special_tokens=False).input_ids].mean(0) for w in words}
-
-
-def _anchor_targets(
-    scenes: list[Scene], words: dict[str, torch.Tensor], form: Literal["blend", "words"] = "blend"
-) -> torch.Tensor:
-    """[n, grid^2, d]: per object patch, its object's colour, shape and side words (side as the
-    questions define it: the object's centre in the left or right half); 'background' elsewhere.
-    `blend`: every patch the mean of the three; `words`: one word per patch by its column (colour,
-    shape, side for columns 0, 1, 2 mod 3), so along a row the colour sits just before the shape,
-    as in text."""
-    if form not in ("blend", "words"):
-        raise ConfigError(f"vlm.anchor_target: {form!r} is not a target; use blend or words.")
-    out = []
-    for scene in scenes:
-        target = words["background"].repeat(scene.grid * scene.grid, 1)
-        column = torch.arange(scene.grid * scene.grid) % scene.grid
-        for obj in scene.objects:
-            mask = torch.from_numpy(obj.patches.reshape(-1))
-            named = [words[obj.colour], words[obj.shape], words[side_of(scene, obj)]]
-            if form == "blend":
-                target[mask] = (named[0] + named[1] + named[2]) / 3
-            else:
-                for k, word in enumerate(named):
-                    target[mask & (column % 3 == k)] = word
-        out.append(target)
-    return torch.stack(out)
-
-
-def anchor_projector(
-    config: TinyVLMConfig, model: Llava, processor: LlavaProcessor, seed: int
-) -> list[float]:
-    """Stage 1b (LLaVA's projector-only alignment, cheapened): the projector alone learns to map each
-    object patch near the LM's embeddings of its colour, shape and side words, background patches
-    near 'background'. No LM forward, so it costs little; stage 2 then starts from patches that
-    already resemble the question words that ask about them. Returns the loss per step."""
-    stage = config.anchor_stage
-    if stage is None:
-        return []
-    words = _word_vectors(model, processor.tokenizer, [*COLOURS, *SHAPES, "left", "right", "background"])
-    projector, tower = model.model.multi_modal_projector, model.model.vision_tower
-    optimizer = StageOptimizer(list(projector.parameters()), stage)
-    rng, losses = random.Random(f"anchor:{seed}"), []
-    projector.train()
-    for _ in track(range(stage.steps), description="tiny VLM: projector anchoring"):
-        scenes = fresh_scenes(rng, stage.batch_size, config)
-        pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt").pixel_values
-        with torch.no_grad():
-            features = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[
-                config.feature_layer
-            ]
-        targets = _anchor_targets(scenes, words, config.anchor_target)
-        losses.append(optimizer.step(F.mse_loss(projector(features[:, 1:]), targets)))
-    return losses
 
 
 def prompt(processor: LlavaProcessor, question: str) -> str:

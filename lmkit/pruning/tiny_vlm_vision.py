@@ -1,7 +1,9 @@
 """Stage 1 of the tiny VLM (lmkit.pruning.tiny_vlm): the CLIP-style tower learns the scenes alone,
 without the LM. Each patch of the feature layer the LM reads names the shape, colour and side of the
 object under it (or background); [CLS] names which (colour, shape) objects the scene holds. Cheap,
-and it makes [CLS] attention look at objects."""
+and it makes [CLS] attention look at objects. For `anchor_target: words` each patch also names its
+column phase (column mod 3), which picks the word a patch is anchored to: a tower trained without it
+keeps no trace of it (a probe read 0.36, chance 0.33), so no projector could place the words."""
 
 from __future__ import annotations
 
@@ -49,13 +51,22 @@ class StageOptimizer:
 
 
 PATCH_FACTORS = {"shape": SHAPES, "colour": list(COLOURS), "side": ["left", "right"]}
+PHASES = 3  # `anchor_target: words` cycles an object's colour, shape and side words along its columns
 
 
-def _vision_targets(scenes: list[Scene]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def column_phase(grid: int) -> torch.Tensor:
+    """[grid^2]: each patch's column mod PHASES, row-major as the LM reads the patches."""
+    return torch.arange(grid * grid) % grid % PHASES
+
+
+def _vision_targets(
+    scenes: list[Scene], with_phase: bool = False
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-patch labels of each factor ({factor: [n, grid^2]}, 0 = background, else 1 + the value's
     index) and per-scene presence [n, classes]. Factored labels let every shape teach the shape head
     whatever its colour (a joint colour x shape class sees 1/24 of the objects); the side keeps where
-    an object is readable from its own patches, which the LM (reading tokens) cannot easily recover."""
+    an object is readable from its own patches, which the LM (reading tokens) cannot easily recover.
+    `with_phase` adds "phase": every patch's column phase (no background class)."""
     labels = {f: np.zeros((len(scenes), scenes[0].grid ** 2), dtype=np.int64) for f in PATCH_FACTORS}
     presence = np.zeros((len(scenes), len(OBJECTS)), dtype=np.float32)
     for row, scene in enumerate(scenes):
@@ -64,7 +75,17 @@ def _vision_targets(scenes: list[Scene]) -> tuple[dict[str, torch.Tensor], torch
             for factor, names in PATCH_FACTORS.items():
                 labels[factor][row, obj.patches.reshape(-1)] = 1 + names.index(values[factor])
             presence[row, OBJECTS.index((obj.colour, obj.shape))] = 1.0
-    return {f: torch.from_numpy(v) for f, v in labels.items()}, torch.from_numpy(presence)
+    out = {f: torch.from_numpy(v) for f, v in labels.items()}
+    if with_phase:
+        out["phase"] = column_phase(scenes[0].grid).expand(len(scenes), -1)
+    return out, torch.from_numpy(presence)
+
+
+def _patch_loss(factor: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The phase is a plain 3-way label on every patch; the object factors are balanced."""
+    if factor == "phase":
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    return _balanced_patch_loss(logits, labels)
 
 
 def _balanced_patch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -91,9 +112,11 @@ def pretrain_vision(config: TinyVLMConfig, seed: int) -> tuple[CLIPVisionModel, 
             patch_size=config.patch_size,
         )
     )
-    heads = torch.nn.ModuleDict(
-        {f: torch.nn.Linear(spec.hidden_size, 1 + len(names)) for f, names in PATCH_FACTORS.items()}
-    )
+    classes = {f: 1 + len(names) for f, names in PATCH_FACTORS.items()}
+    with_phase = config.anchor_target == "words"
+    if with_phase:
+        classes["phase"] = PHASES
+    heads = torch.nn.ModuleDict({f: torch.nn.Linear(spec.hidden_size, n) for f, n in classes.items()})
     scene_head = torch.nn.Linear(spec.hidden_size, len(OBJECTS))
     optimizer = StageOptimizer(
         [*tower.parameters(), *heads.parameters(), *scene_head.parameters()], config.vision_stage
@@ -112,18 +135,17 @@ def pretrain_vision(config: TinyVLMConfig, seed: int) -> tuple[CLIPVisionModel, 
     tower.train()
     for _ in track(range(config.vision_stage.steps), description="tiny VLM: vision tower"):
         scenes = draw(config.vision_stage.batch_size)
-        patch_labels, presence = _vision_targets(scenes)
+        patch_labels, presence = _vision_targets(scenes, with_phase)
         patch_logits, scene_logits = forward(scenes)
-        loss = sum(_balanced_patch_loss(patch_logits[f], patch_labels[f]) for f in PATCH_FACTORS)
+        loss = sum(_patch_loss(f, patch_logits[f], labels) for f, labels in patch_labels.items())
         optimizer.step(loss + F.binary_cross_entropy_with_logits(scene_logits, presence))
     tower.eval()
     with torch.no_grad():
         scenes = draw(64)
-        patch_labels, _ = _vision_targets(scenes)
+        patch_labels, _ = _vision_targets(scenes, with_phase)
         patch_logits, _ = forward(scenes)
-    probe = {}
+    probe, is_object = {}, patch_labels["shape"] > 0
     for factor, labels in patch_labels.items():
-        is_object = labels > 0
         hits = patch_logits[factor].argmax(-1)[is_object] == labels[is_object]
         probe[factor] = round(hits.float().mean().item(), 4)
     return tower, probe

@@ -66,10 +66,11 @@ class TinyVLMConfig(StrictModel):
         "embeddings of their colour, shape and side words (no LM forward); unset: none",
     )
     anchor_target: Literal["blend", "words"] = Field(
-        "blend",
+        "words",
         description="anchor_stage's target per object patch: blend (the mean of its colour, shape and "
-        "side words) or words (one of them by patch column); fed as ideal patches, the full LM learned "
-        "the lookup from words in 50 steps of 16, not from blend (evals/results/vlm_lookup.md)",
+        "side words) or words (one of them by patch column; the tower then also learns each patch's "
+        "column phase); fed as ideal patches, the full LM learned the lookup from words in 50 steps of "
+        "16, not from blend (evals/results/vlm_lookup.md)",
     )
     caption_stage: StageSpec | None = Field(
         None,

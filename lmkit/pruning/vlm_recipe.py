@@ -13,7 +13,8 @@ from pydantic import Field
 
 from lmkit.io import write_dir_atomic, write_json_atomic
 from lmkit.loader import load_model
-from lmkit.pruning.tiny_vlm import align, anchor_projector, answers, assemble, draw_scenes
+from lmkit.pruning.tiny_vlm import align, answers, assemble, draw_scenes
+from lmkit.pruning.tiny_vlm_anchor import anchor_hits, anchor_projector
 from lmkit.pruning.tiny_vlm_vision import pretrain_vision
 from lmkit.pruning.vlm_config import TinyVLMConfig
 from lmkit.recipes import Method, Recipe
@@ -51,6 +52,9 @@ def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
             write_json_atomic(
                 recipe.output_dir / "anchor_loss.json", {"first": anchoring[0], "last": anchoring[-1]}
             )
+            hits = anchor_hits(config, model, processor, recipe.seed)
+            write_json_atomic(recipe.output_dir / "anchor_hits.json", hits)
+            print(f"anchoring: patches nearest their own target {hits}", flush=True)  # before the long stage
         model, losses = align(config, model, processor, recipe.seed)
         curves = {phase: loss_curve(values) for phase, values in losses.items()}
         write_json_atomic(recipe.output_dir / "align_loss.json", curves)
@@ -77,9 +81,8 @@ def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
     hits = sum(gold == answer for pairs in by_kind.values() for gold, answer in pairs)
     majority = sum(majority_hits(pairs) for pairs in by_kind.values())  # each kind's most common answer
     rows.append(["all", len(items), round(hits / len(items), 4), round(majority / len(items), 4)])
-    saved = {
-        name: recipe.output_dir / f"{name}.json" for name in ("vision_probe", "anchor_loss", "align_loss")
-    }
+    stages = ("vision_probe", "anchor_loss", "anchor_hits", "align_loss")
+    saved = {name: recipe.output_dir / f"{name}.json" for name in stages}
     results = {
         "model_dir": str(target),
         **{name: json.loads(f.read_text()) if f.is_file() else None for name, f in saved.items()},
