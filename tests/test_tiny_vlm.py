@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lmkit.errors import ConfigError
 from lmkit.loader import load_model
+from lmkit.pruning import tiny_vlm_anchor
 from lmkit.pruning.config import PruneConfig
 from lmkit.pruning.llava import PrunedLlava
 from lmkit.pruning.scenes import COLOURS, SHAPES, asked_shape, describe, make_scene, side_of
@@ -23,7 +25,13 @@ from lmkit.pruning.tiny_vlm import (
     draw_conversations,
     prompt,
 )
-from lmkit.pruning.tiny_vlm_anchor import _anchor_targets, _word_vectors, nearest_own_target
+from lmkit.pruning.tiny_vlm_anchor import (
+    ANCHOR_WORDS,
+    _anchor_targets,
+    _word_vectors,
+    anchor_hits,
+    nearest_own_target,
+)
 from lmkit.pruning.tiny_vlm_vision import (
     PATCH_FACTORS,
     StageOptimizer,
@@ -120,6 +128,40 @@ def test_an_anchoring_hit_is_an_output_nearest_its_own_target_among_all_targets(
     outputs[1, 0] = words[0] + words[3] * 1.1  # nearer its own word, though not on it
     expected = torch.tensor([[True, False, True, True], [True, True, True, True]])
     assert torch.equal(nearest_own_target(outputs, targets), expected)
+    # words differ in norm: the nearest is by angle, where a dot product would pick the long word
+    words = torch.diag(torch.tensor([1.0, 4.0, 1.0]))
+    targets = words[[0, 1, 2]][None]
+    outputs = targets.clone()
+    outputs[0, 0] = words[0] + 0.15 * words[1]  # dot: 1 with its own word, 2.4 with the long one
+    assert nearest_own_target(outputs, targets).all()
+
+
+def test_anchor_hits_score_each_word_of_the_projected_patches(monkeypatch):
+    """`anchor_hits` on real word vectors, with the projector's output replaced by known vectors:
+    the exact targets hit everywhere; the colour word on every object patch hits only where the
+    colour is the target."""
+    config = load_recipe("recipes/train_tiny_vlm.yaml", [*TINY_VLM, "vlm.image_size=224"]).vlm
+    loaded = load_model(config.lm)
+    processor = SimpleNamespace(tokenizer=loaded.tokenizer)
+    words = _word_vectors(loaded.model, loaded.tokenizer, ANCHOR_WORDS)
+
+    def exact(config, model, processor, scenes):
+        return _anchor_targets(scenes, words, "words")
+
+    def colour_everywhere(config, model, processor, scenes):
+        out = _anchor_targets(scenes, words, "words")
+        for row, scene in enumerate(scenes):
+            for obj in scene.objects:
+                out[row, torch.from_numpy(obj.patches.reshape(-1))] = words[obj.colour]
+        return out
+
+    monkeypatch.setattr(tiny_vlm_anchor, "_projected", exact)
+    hits = anchor_hits(config, loaded.model, processor, seed=0)
+    assert hits == {"all": 1.0, "colour": 1.0, "shape": 1.0, "side": 1.0}
+    monkeypatch.setattr(tiny_vlm_anchor, "_projected", colour_everywhere)
+    hits = anchor_hits(config, loaded.model, processor, seed=0)
+    assert (hits["colour"], hits["shape"], hits["side"]) == (1.0, 0.0, 0.0)
+    assert 0.25 < hits["all"] < 0.45  # the colour columns' share of single-object patches
 
 
 def test_word_vectors_are_the_lms_input_embeddings():

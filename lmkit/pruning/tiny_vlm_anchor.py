@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import track
@@ -102,15 +103,18 @@ def anchor_hits(
     """How well the anchoring landed: the share of single-object patches of fresh scenes whose
     projected vector is nearest its own target (`nearest_own_target`). A low loss can hide a
     projector that cannot tell the targets apart: with `words`, 0.35 before the tower learned the
-    column phase. With `words`, also per phase (colour, shape, side)."""
+    column phase. With `words`, also per phase (colour, shape, side). The candidates are the targets
+    the drawn scenes hold, so `all` under `blend` and under `words` are not the same measure."""
     words = _word_vectors(model, processor.tokenizer, ANCHOR_WORDS)
     drawn = fresh_scenes(random.Random(f"anchor-check:{seed}"), scenes, config)
     with torch.no_grad():
         outputs = _projected(config, model, processor, drawn)
     hit = nearest_own_target(outputs, _anchor_targets(drawn, words, config.anchor_target))
-    single = torch.stack(
-        [torch.from_numpy(sum(o.patches.reshape(-1).astype(int) for o in s.objects) == 1) for s in drawn]
-    )
+    owners = np.zeros((len(drawn), drawn[0].grid ** 2), dtype=int)  # objects covering each patch
+    for row, scene in enumerate(drawn):
+        for obj in scene.objects:
+            owners[row] += obj.patches.reshape(-1)
+    single = torch.from_numpy(owners == 1)
     groups = {"all": single}
     if config.anchor_target == "words":
         phase = column_phase(drawn[0].grid).expand_as(single)

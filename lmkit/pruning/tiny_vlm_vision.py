@@ -1,7 +1,7 @@
 """Stage 1 of the tiny VLM (lmkit.pruning.tiny_vlm): the CLIP-style tower learns the scenes alone,
 without the LM. Each patch of the feature layer the LM reads names the shape, colour and side of the
 object under it (or background); [CLS] names which (colour, shape) objects the scene holds. Cheap,
-and it makes [CLS] attention look at objects. For `anchor_target: words` each patch also names its
+and it makes [CLS] attention look at objects. When anchoring to `words`, each patch also names its
 column phase (column mod 3), which picks the word a patch is anchored to: a tower trained without it
 keeps no trace of it (a probe read 0.36, chance 0.33), so no projector could place the words."""
 
@@ -113,7 +113,7 @@ def pretrain_vision(config: TinyVLMConfig, seed: int) -> tuple[CLIPVisionModel, 
         )
     )
     classes = {f: 1 + len(names) for f, names in PATCH_FACTORS.items()}
-    with_phase = config.anchor_target == "words"
+    with_phase = config.anchor_stage is not None and config.anchor_target == "words"  # only it reads it
     if with_phase:
         classes["phase"] = PHASES
     heads = torch.nn.ModuleDict({f: torch.nn.Linear(spec.hidden_size, n) for f, n in classes.items()})

@@ -92,8 +92,8 @@ def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
     notes = [
         f"model: {target} (LLaVA: CLIP-style tower {config.vision.layers} layers x "
         f"{config.vision.hidden_size}, "
-        f"{(config.image_size // config.patch_size) ** 2} image tokens; LM {config.lm.source}, first "
-        f"{config.lm_layers or 'all'} layers, "
+        f"{(config.image_size // config.patch_size) ** 2} image tokens; LM {config.lm.source}, "
+        + (f"first {config.lm_layers} layers, " if config.lm_layers else "all layers, ")
         + (f"LoRA r{config.lora.r} merged)" if config.lora else "fine-tuned fully)"),
         f"held-out: {config.eval_questions} scenes and questions (their own seed stream); majority = always "
         "answering the most common answer of the kind",
