@@ -7,10 +7,10 @@ The stages fit a CPU budget:
    object patch near the LM's input embeddings of its colour, shape and side words (`anchor_target`:
    their mean, or one word per patch column): LLaVA's projector-only alignment stage, with word
    targets instead of captions, so it needs no LM forward.
-2. The projector and the (optionally layer-truncated) language model, fully or through a LoRA, first learn to
-   list each scene's objects (a caption phase, as LLaVA aligns on captions), then to answer
-   questions about the scenes (several per scene, as the turns of one chat), the tower frozen. A
-   LoRA is merged, so the result is an ordinary transformers `LlavaForConditionalGeneration`
+2. The projector and the (optionally layer-truncated) language model, fully or through a LoRA,
+   first learn to list each scene's objects (a caption phase, as LLaVA aligns on captions), then
+   to answer questions about the scenes (several per scene, as the turns of one chat), the tower
+   frozen. A LoRA is merged, so the result is an ordinary transformers `LlavaForConditionalGeneration`
    directory that the loader, the pruning wrapper and the vLLM plugin take unchanged.
 """
 
