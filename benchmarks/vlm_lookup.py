@@ -36,9 +36,9 @@ from rich.progress import track
 
 from lmkit.loader import load_model
 from lmkit.modeling import truncate_layers
-from lmkit.pruning.scenes import COLOURS, SHAPES, describe
+from lmkit.pruning.scenes import describe
 from lmkit.pruning.tiny_vlm import draw_scenes
-from lmkit.pruning.tiny_vlm_anchor import _anchor_targets, _word_vectors
+from lmkit.pruning.tiny_vlm_anchor import ANCHOR_WORDS, _anchor_targets, _word_vectors
 from lmkit.pruning.tiny_vlm_vision import StageOptimizer
 from lmkit.pruning.vlm_config import StageSpec, TinyVLMConfig
 from lmkit.report import write_report
@@ -110,7 +110,7 @@ def train(args, stage: StageSpec, inputs: str, held_out) -> list[dict]:
     lm = load_model({"source": "smollm2-135m", "dtype": "float32"})
     if args.layers:
         truncate_layers(lm.model, args.layers)
-    words = _word_vectors(lm.model, lm.tokenizer, [*COLOURS, *SHAPES, "left", "right", "background"])
+    words = _word_vectors(lm.model, lm.tokenizer, ANCHOR_WORDS)
     model = get_peft_model(lm.model, LORA)
     core = model.get_base_model()  # its modules carry the LoRA; calling them skips the full-vocab head
     optimizer = StageOptimizer([p for p in model.parameters() if p.requires_grad], stage)
