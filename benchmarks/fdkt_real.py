@@ -10,7 +10,7 @@ Reads recipes/real/fdkt_sentiment.yaml (skips when ../shared/data is absent). Pe
 Accuracy on each client's held-out test set, mean with a 95% t-interval over seeds; the canary audit
 of the movies client (100 planted vs 100 fresh canaries) at each epsilon.
 
-    python benchmarks/fdkt_real.py [--seeds 0 1 2 3 4] [--report-only]
+    python benchmarks/fdkt_real.py [--seeds 0 1 2 3 4] [--epsilons 8] [--report-only]
 
 Cost on 2 CPU cores (2026-12-03, seed 0): measured, local only ~9 minutes and epsilon 1 ~30
 minutes (DP synthesis and the audit ~14, the server step and three client trainings ~16);
@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -109,19 +109,27 @@ def ledger_seeds() -> list[int]:
 
 
 def one_seed(
-    config: FDKTConfig, epsilons: list[float], out: Path, llm, embed, measure: bool = True
+    config: FDKTConfig,
+    epsilons: list[float],
+    out: Path,
+    llm,
+    embed,
+    measure: bool = True,
+    measure_at: Collection[float] | None = None,
 ) -> dict[str, Any]:
     """{row: {client: accuracy}}, plus the audit and epsilon spent per epsilon. With `measure`
-    off, only the cells already in the ledger (the rest are left out, nothing runs)."""
+    off, only the cells already in the ledger (the rest are left out, nothing runs); `measure_at`
+    limits the measuring to those epsilons (unset: all)."""
     kept = LEDGER / "fdkt_real" / out.name  # small per-cell numbers, committed (see real_data.ledgered)
 
-    def cell(name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
-        return ledgered(kept / name, compute) if measure or (kept / name).is_file() else None
+    def cell(name: str, compute: Callable[[], dict[str, Any]], now: bool = measure) -> dict[str, Any] | None:
+        return ledgered(kept / name, compute) if now or (kept / name).is_file() else None
 
     local = cell("local.json", lambda: train_all(config, {}, out / "local_only"))
     rows = {"local only": {client: r["accuracy"] for client, r in local.items()}} if local else {}
     audits, spent = {}, {}
     for epsilon in epsilons:
+        now = measure and (measure_at is None or epsilon in measure_at)
         at = config.model_copy(update={"dp": config.dp.model_copy(update={"epsilon": epsilon})})
         stage = out / f"eps_{label(epsilon)}"
 
@@ -130,7 +138,7 @@ def one_seed(
             audit = client_reports(c, s)[c.clients[0].name].get("audit", {})
             return {"audit": audit, "epsilon_spent": payloads[0]["epsilon"]}
 
-        synthesis = cell(f"eps_{label(epsilon)}_privacy.json", privacy)
+        synthesis = cell(f"eps_{label(epsilon)}_privacy.json", privacy, now)
         if synthesis:
             audits[label(epsilon)], spent[label(epsilon)] = synthesis["audit"], synthesis["epsilon_spent"]
         variants = variants_at(epsilon)
@@ -144,7 +152,7 @@ def one_seed(
                     augmented[p], counts[payload["client"]] = server_augment(c, payload, llm, embed, c.seed)
                 return {"reports": train_all(c, augmented, w), "server": counts}
 
-            result = cell(f"eps_{label(epsilon)}_{where.name}.json", federate)
+            result = cell(f"eps_{label(epsilon)}_{where.name}.json", federate, now)
             if result:
                 rows[row_name(name, epsilon)] = {c: r["accuracy"] for c, r in result["reports"].items()} | {
                     "_server": result["server"]
@@ -166,9 +174,19 @@ def main() -> int:
     parser.add_argument(
         "--report-only", action="store_true", help="measure nothing: the table from the ledger's cells"
     )
+    parser.add_argument(
+        "--epsilons",
+        type=float,
+        nargs="+",
+        help="measure only these of the recipe's epsilons this run (e.g. 8: FDKT and the ablations), "
+        "plus local-only if not ledgered yet; the table still shows every ledgered cell",
+    )
     args = parser.parse_args()
     if not args.report_only and missing():
         return 0
+    planned = load_recipe(RECIPE).epsilons
+    if args.epsilons and not set(args.epsilons) <= set(planned):
+        parser.error(f"--epsilons {args.epsilons}: the recipe's epsilons are {planned}")
     measured = [] if args.report_only else args.seeds
     seeds = sorted(set(measured) | set(ledger_seeds()))  # earlier runs' seeds are read back, not rerun
     if not seeds:
@@ -182,7 +200,9 @@ def main() -> int:
             llm = LocalLLM(config.server)
             embed = server_embedder(config.server, llm)
         out = Path(args.output) / f"seed{seed}"
-        per_seed[seed] = one_seed(config, recipe.epsilons, out, llm, embed, measure=seed in measured)
+        per_seed[seed] = one_seed(
+            config, recipe.epsilons, out, llm, embed, measure=seed in measured, measure_at=args.epsilons
+        )
     clients = [c.name for c in config.clients]
     headers = ["setup", *clients, "mean over clients", "seeds"]
     table = []

@@ -10,7 +10,9 @@ For each method and kept-token budget, on held-out scenes and questions:
   (pivotal_fraction 1), complementary-only (pivotal_fraction 0), random (one subset per example),
   uniform, and FastV (in the LM, prefill only: accuracy of the first answer token, no recall).
 
-    python benchmarks/prune_trained_vlm.py [--keeps 192 128 64 32] [recipe overrides, e.g. vlm.lm_layers=8]
+    python benchmarks/prune_trained_vlm.py [recipe overrides, e.g. seed=1] [--keeps 192 128 64 32]
+
+(overrides before the options, or after `--`: --keeps takes every number that follows it)
 
 Trains the model first (lmkit run recipes/train_tiny_vlm.yaml) when --model does not exist.
 """
@@ -32,8 +34,8 @@ from lmkit.pruning.config import PruneConfig
 from lmkit.pruning.llava import PrunedLlava
 from lmkit.pruning.scenes import target_patches
 from lmkit.pruning.tiny_vlm import prompt
-from lmkit.pruning.vlm_recipe import held_out
-from lmkit.recipes import load_recipe, run_recipe
+from lmkit.pruning.vlm_recipe import ensure_trained, held_out
+from lmkit.recipes import load_recipe
 from lmkit.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,8 +116,7 @@ def main() -> int:
     recipe = load_recipe(
         RECIPE, [*args.overrides, f"output_dir={args.model.parent}", f"vlm.eval_questions={args.questions}"]
     )
-    if not (args.model / "config.json").is_file():
-        run_recipe(recipe, resume=True)
+    ensure_trained(recipe, args.model)  # a model another recipe trained is refused
     loaded = load_model({"source": str(args.model), "dtype": "float32"})
     items = held_out(recipe.vlm, recipe.seed)
     inputs = batches(loaded.processor, items, args.batch_size)

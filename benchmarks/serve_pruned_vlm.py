@@ -7,7 +7,8 @@ compares with the transformers path on the same questions:
 - accuracy (first answer word = gold) served and in transformers, and how often the two agree;
 - throughput (questions / s) and median time to first token, as ratios to the unpruned server.
 
-    python benchmarks/serve_pruned_vlm.py [--keeps 128 64] [--questions 500] [--concurrency 8]
+    python benchmarks/serve_pruned_vlm.py [recipe overrides the model was trained with] [--keeps 128 64]
+        [--questions 500] [--concurrency 8]
 
 Needs the trained model (runs/tiny_vlm/model; benchmarks/prune_trained_vlm.py trains it when absent).
 """
@@ -32,8 +33,8 @@ from rich.progress import track
 from lmkit.loader import load_model
 from lmkit.pruning.config import PruneConfig
 from lmkit.pruning.llava import PrunedLlava
-from lmkit.pruning.vlm_recipe import held_out
-from lmkit.recipes import load_recipe, run_recipe
+from lmkit.pruning.vlm_recipe import ensure_trained, held_out
+from lmkit.recipes import load_recipe
 from lmkit.report import write_report
 from lmkit.serving.config import ServeConfig
 from lmkit.serving.process import ServerProcess
@@ -103,6 +104,7 @@ def serve_and_ask(model: Path, prune: PruneConfig, items, concurrency: int, log:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="dotted overrides the model was trained with")
     parser.add_argument("--model", type=Path, default=ROOT / "runs" / "tiny_vlm" / "model")
     parser.add_argument("--keeps", type=int, nargs="+", default=[128, 64])
     parser.add_argument("--questions", type=int, default=500)
@@ -110,9 +112,10 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "benchmarks" / "serve_pruned_vlm")
     parser.add_argument("--table", type=Path, default=ROOT / "evals" / "results" / "serve_pruned_vlm.md")
     args = parser.parse_args()
-    recipe = load_recipe(RECIPE, [f"output_dir={args.model.parent}", f"vlm.eval_questions={args.questions}"])
-    if not (args.model / "config.json").is_file():
-        run_recipe(recipe, resume=True)
+    recipe = load_recipe(
+        RECIPE, [*args.overrides, f"output_dir={args.model.parent}", f"vlm.eval_questions={args.questions}"]
+    )
+    ensure_trained(recipe, args.model)  # a model another recipe trained is refused
     items = held_out(recipe.vlm, recipe.seed)
     gold = [q.answer for _, q in items]
     loaded = load_model({"source": str(args.model), "dtype": "float32"})
@@ -151,9 +154,16 @@ def main() -> int:
         "median TTFT ms",
     ]
     notes = [
-        f"command: `python benchmarks/serve_pruned_vlm.py --keeps {' '.join(map(str, args.keeps))} "
-        f"--questions {args.questions} --concurrency {args.concurrency}`; model {shown(args.model)} "
-        "(recipes/train_tiny_vlm.yaml)",
+        "command: `"
+        + " ".join(
+            [
+                "python benchmarks/serve_pruned_vlm.py --keeps",
+                *map(str, args.keeps),
+                f"--questions {args.questions} --concurrency {args.concurrency}",
+                *args.overrides,
+            ]
+        )
+        + f"`; model {shown(args.model)} (recipes/train_tiny_vlm.yaml)",
         "every config is served by lmkit's LLaVA class in vLLM (the vLLM plugin); unpruned = its method "
         "`none` (all image tokens, no scoring), since vLLM's own LLaVA module cannot load on CPU-only torch",
         f"{len(items)} held-out scenes and questions, the same for every config; one vLLM server per "

@@ -9,6 +9,22 @@ from peft import LoraConfig, get_peft_model
 
 from lmkit.loader import load_model
 
+# recipes/train_tiny_vlm.yaml at CI size: tiny scenes and tower, one tiny-llama layer, a few steps each
+TINY_VLM = [
+    "vlm.image_size=56",
+    "vlm.patch_size=14",
+    "vlm.vision={hidden_size: 32, intermediate_size: 64, layers: 2, heads: 2}",
+    "vlm.lm.source=tiny-llama",
+    "vlm.lm_layers=1",
+    "vlm.vision_stage={steps: 3, batch_size: 4, lr: 1.0e-3, warmup_steps: 1, schedule: cosine}",
+    "vlm.vision_stage.max_grad_norm=1.0",
+    "vlm.anchor_stage={steps: 10, batch_size: 2, lr: 1.0e-3}",
+    "vlm.caption_stage={steps: 2, batch_size: 2, lr: 1.0e-3}",
+    "vlm.align_stage={steps: 2, batch_size: 2, lr: 1.0e-3}",
+    "vlm.captions_per_step=1",
+    "vlm.eval_questions=6",
+]
+
 
 def make_lora_adapter(
     path: Path, seed: int, source: str = "tiny-llama", targets: tuple[str, ...] = ("q_proj", "v_proj")

@@ -34,29 +34,13 @@ from lmkit.pruning.tiny_vlm_anchor import (
 )
 from lmkit.pruning.tiny_vlm_vision import (
     PATCH_FACTORS,
-    StageOptimizer,
     _balanced_patch_loss,
     _vision_targets,
     pretrain_vision,
 )
-from lmkit.pruning.vlm_config import StageSpec
-from lmkit.pruning.vlm_recipe import held_out, loss_curve
+from lmkit.pruning.vlm_recipe import TRAINING_RECORD, held_out
 from lmkit.recipes import load_recipe, run_recipe
-
-TINY_VLM = [
-    "vlm.image_size=56",
-    "vlm.patch_size=14",
-    "vlm.vision={hidden_size: 32, intermediate_size: 64, layers: 2, heads: 2}",
-    "vlm.lm.source=tiny-llama",
-    "vlm.lm_layers=1",
-    "vlm.vision_stage={steps: 3, batch_size: 4, lr: 1.0e-3, warmup_steps: 1, schedule: cosine}",
-    "vlm.vision_stage.max_grad_norm=1.0",
-    "vlm.anchor_stage={steps: 10, batch_size: 2, lr: 1.0e-3}",
-    "vlm.caption_stage={steps: 2, batch_size: 2, lr: 1.0e-3}",
-    "vlm.align_stage={steps: 2, batch_size: 2, lr: 1.0e-3}",
-    "vlm.captions_per_step=1",
-    "vlm.eval_questions=6",
-]
+from tests.helpers import TINY_VLM
 
 
 @pytest.mark.parametrize(
@@ -64,11 +48,12 @@ TINY_VLM = [
     [("null", "blend"), ("{r: 4, alpha: 8, dropout: 0.0}", "words")],
     ids=["full-blend", "lora-words"],
 )
-def test_train_vlm_recipe_saves_a_llava_dir_the_loader_and_pruning_take(tmp_path, tuning, target):
+def test_train_vlm_recipe_saves_a_llava_dir_the_loader_and_pruning_take(tmp_path, capsys, tuning, target):
     overrides = [*TINY_VLM, f"vlm.lora={tuning}", f"vlm.anchor_target={target}", f"output_dir={tmp_path}"]
     recipe = load_recipe("recipes/train_tiny_vlm.yaml", overrides)
     results = run_recipe(recipe)
     assert set(results["accuracy"]) >= {"all"} and 0 <= results["accuracy"]["all"] <= 1
+    assert ("does not read the image" in capsys.readouterr().out) != results["reads_image"]  # said, if so
     assert results["anchor_loss"]["last"] < results["anchor_loss"]["first"]  # the projector learned
     words = target == "words"  # the tower learns the column phase, and the hits are told per word
     assert set(results["vision_probe"]) == {"shape", "colour", "side"} | ({"phase"} if words else set())
@@ -94,6 +79,19 @@ def test_train_vlm_recipe_saves_a_llava_dir_the_loader_and_pruning_take(tmp_path
     assert logits.shape[0] == 1 and torch.isfinite(logits).all()
     rerun = run_recipe(recipe, resume=True)  # a saved model is reused, only re-scored
     assert rerun["accuracy"] == results["accuracy"]
+    assert set(rerun["training_seconds"]) == {"vision", "lm_load_and_anchoring", "align"}
+    other = load_recipe("recipes/train_tiny_vlm.yaml", [*overrides, "vlm.align_stage.steps=3", "seed=1"])
+    with pytest.raises(
+        ConfigError, match=r"seed: saved 0, recipe 1; vlm\.align_stage\.steps: saved 2, recipe 3"
+    ):
+        run_recipe(other, resume=True)  # another recipe's model is refused, not silently reused
+    fewer = load_recipe("recipes/train_tiny_vlm.yaml", [*overrides, "vlm.eval_questions=4"])
+    assert (
+        run_recipe(fewer, resume=True)["training_seconds"] == rerun["training_seconds"]
+    )  # eval size is free
+    (tmp_path / "model" / TRAINING_RECORD).unlink()  # a model saved before the record: reused, with a warning
+    assert run_recipe(other, resume=True)["training_seconds"] is None
+    assert f"has no {TRAINING_RECORD}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("form", ["blend", "words"])
@@ -216,41 +214,6 @@ def test_vision_targets_name_each_patch_s_shape_colour_and_side_and_balance_the_
     per_patch = torch.nn.functional.cross_entropy(logits[0], target[0], reduction="none")
     expected = (per_patch[0] + per_patch[1:].mean()) / 2
     torch.testing.assert_close(_balanced_patch_loss(logits, target), expected)
-
-
-def test_loss_curve_has_one_mean_per_tenth_whatever_the_step_count():
-    for steps in (2, 10, 25, 605):
-        curve = loss_curve([float(i) for i in range(steps)])
-        assert curve["steps"] == steps and len(curve["mean_per_chunk"]) == min(steps, 10)
-    assert loss_curve([1.0] * 20 + [3.0] * 80)["mean_per_chunk"][:3] == [1.0, 1.0, 3.0]
-
-
-def test_stage_optimizer_warms_up_decays_and_clips():
-    weight = torch.nn.Parameter(torch.zeros(3))
-    stage = StageSpec(steps=6, batch_size=1, lr=0.1, warmup_steps=2, schedule="cosine", max_grad_norm=0.5)
-    optimizer = StageOptimizer([weight], stage)
-    lrs = []
-    for _ in range(stage.steps):
-        lrs.append(optimizer.optimizer.param_groups[0]["lr"])
-        optimizer.step((weight * torch.tensor([30.0, 40.0, 0.0])).sum())  # gradient norm 50
-        assert weight.grad.norm().item() == pytest.approx(0.5)  # clipped before the update
-    assert lrs[:3] == pytest.approx([0.0, 0.05, 0.1])  # linear warm-up, then the peak
-    assert lrs[3] > lrs[4] > lrs[5] > 0 and optimizer.optimizer.param_groups[0]["lr"] == pytest.approx(0)
-    held = StageOptimizer([weight], StageSpec(steps=4, batch_size=1, lr=0.1))
-    held.step(weight.sum())
-    assert held.optimizer.param_groups[0]["lr"] == 0.1  # constant, no warm-up
-
-
-def test_a_warmup_as_long_as_the_stage_is_a_clear_error(tmp_path):
-    overrides = [
-        *TINY_VLM,
-        f"output_dir={tmp_path}",
-        "vlm.align_stage={steps: 2, batch_size: 2, lr: 1.0e-3, warmup_steps: 2}",
-    ]
-    with pytest.raises(ConfigError, match="warmup_steps 2 must be fewer than steps 2"):
-        load_recipe("recipes/train_tiny_vlm.yaml", overrides)
-    with pytest.raises(ConfigError, match="captions_per_step 2 leaves no questioned scene"):
-        load_recipe("recipes/train_tiny_vlm.yaml", [*TINY_VLM, "vlm.captions_per_step=2"])
 
 
 def test_the_caption_lists_every_object_left_to_right_with_its_words():

@@ -40,15 +40,20 @@ class StageSpec(StrictModel):
         return self
 
 
+ATTENTION_AND_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 class TinyVLMConfig(StrictModel):
     image_size: int = Field(224, gt=0, description="224 px at patch 14: 256 image tokens")
     patch_size: int = Field(14, gt=0)
     feature_layer: int = Field(-2, description="vision layer the LM reads (LLaVA-1.5's choice)")
     vision: VisionTowerSpec = Field(default_factory=VisionTowerSpec)
     lm: ModelSpec = Field(default_factory=lambda: ModelSpec(source="smollm2-135m", dtype="float32"))
-    lm_layers: int | None = Field(4, gt=0, description="keep the first N LM layers; unset: all")
+    lm_layers: int | None = Field(
+        None, gt=0, description="keep the first N LM layers; unset: all (4 or 12 never learned the lookup)"
+    )
     lora: LoraSpec | None = Field(
-        default_factory=lambda: LoraSpec(r=16, alpha=32, dropout=0.0),
+        default_factory=lambda: LoraSpec(r=16, alpha=32, dropout=0.0, target_modules=ATTENTION_AND_MLP),
         description="stage 2 trains this LoRA on the LM (merged when done); null: fine-tune the LM's "
         "layers and final norm fully (embeddings and head stay frozen)",
     )
@@ -61,7 +66,7 @@ class TinyVLMConfig(StrictModel):
         )
     )
     anchor_stage: StageSpec | None = Field(
-        None,
+        default_factory=lambda: StageSpec(steps=300, batch_size=32, lr=1e-3),
         description="projector-only warm-up before align_stage: object patches mapped near the LM's "
         "embeddings of their colour, shape and side words (no LM forward); unset: none",
     )
@@ -79,7 +84,9 @@ class TinyVLMConfig(StrictModel):
         "batch_size counts scenes; unset: none",
     )
     align_stage: StageSpec = Field(
-        default_factory=lambda: StageSpec(steps=600, batch_size=4, lr=5e-4),
+        default_factory=lambda: StageSpec(
+            steps=200, batch_size=4, lr=1e-3, warmup_steps=20, schedule="cosine", max_grad_norm=1.0
+        ),
         description="batch_size counts scenes, each asked questions_per_scene questions",
     )
     captions_per_step: int = Field(
