@@ -183,6 +183,8 @@ def test_length_buckets_train_the_same_adapter_as_padded_batches(tmp_path):
         assert results["training"]["steps"] == 8
     assert weights[1].keys() == weights[3].keys()
     for name, value in weights[1].items():
-        torch.testing.assert_close(weights[3][name], value, rtol=1e-4, atol=1e-6)
+        # atol: Adam turns summation-order noise on near-zero gradients into ~3e-6 on some CPUs (seen
+        # 2026-12-06); a bucket weighted wrongly moves weights by far more (checked by mutation)
+        torch.testing.assert_close(weights[3][name], value, rtol=1e-4, atol=1e-5)
     rows = load_data(DataSpec(**TINY_RECIPE["data"]))[0]
     assert len({len(r["input"]) for r in rows}) > 4  # lengths differ: buckets had padding to save

@@ -57,12 +57,13 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _saved_settings(record_file: Path) -> dict[str, Any]:
-    """The record's settings, re-read through this version's config: keys added since get their
-    defaults, so only a real difference in training refuses the model."""
+def _read_record(record_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The record, and its settings re-read through this version's config: keys added since get
+    their defaults, so only a real difference in training refuses the model."""
     try:
-        settings = json.loads(record_file.read_text())["settings"]
-        return training_settings(TinyVLMConfig.model_validate(settings["vlm"]), settings["seed"])
+        record = json.loads(record_file.read_text())
+        settings = record["settings"]
+        return record, training_settings(TinyVLMConfig.model_validate(settings["vlm"]), settings["seed"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(
             f"{record_file} cannot be read as this lmkit's tiny-VLM settings ({exc}). Fix: retrain into "
@@ -79,7 +80,8 @@ def check_trained_as(model_dir: Path, config: TinyVLMConfig, seed: int) -> dict[
     if not record_file.is_file():
         print(f"warning: {model_dir} has no {TRAINING_RECORD}; cannot check it matches this recipe")
         return None
-    saved, wanted = _flat(_saved_settings(record_file)), _flat(training_settings(config, seed))
+    record, settings = _read_record(record_file)
+    saved, wanted = _flat(settings), _flat(training_settings(config, seed))
     differing = sorted(key for key in saved.keys() | wanted.keys() if saved.get(key) != wanted.get(key))
     if differing:
         shown = "; ".join(f"{key}: saved {saved.get(key)!r}, recipe {wanted.get(key)!r}" for key in differing)
@@ -87,7 +89,7 @@ def check_trained_as(model_dir: Path, config: TinyVLMConfig, seed: int) -> dict[
             f"{model_dir} was trained with other settings ({shown}). Pass the overrides it was trained "
             f"with, or choose another output_dir (or delete {model_dir}) to train this recipe's model."
         )
-    return json.loads(record_file.read_text())
+    return record
 
 
 def ensure_trained(recipe: TrainVLMRecipe, model_dir: Path) -> None:
@@ -187,7 +189,8 @@ def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
         print(
             f"warning: the model answers {rows[-1][2]} against {rows[-1][3]} for the majority answer, less "
             f"than {READING_MARGIN} above it: it does not read the image, so pruning measured on it ranks "
-            "nothing. Retrain with another seed (stage 2 stalls on some seeds; see align_loss.json)."
+            "nothing. Retrain with more align_stage steps or another seed (stage 2 learns slowly on "
+            "some seeds; see align_loss.json)."
         )
     notes = [
         f"model: {target} (LLaVA: CLIP-style tower {config.vision.layers} layers x "
