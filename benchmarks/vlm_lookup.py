@@ -40,7 +40,7 @@ from lmkit.pruning.scenes import describe
 from lmkit.pruning.tiny_vlm import draw_scenes
 from lmkit.pruning.tiny_vlm_anchor import ANCHOR_WORDS, _anchor_targets, _word_vectors
 from lmkit.pruning.tiny_vlm_vision import StageOptimizer
-from lmkit.pruning.vlm_config import StageSpec, TinyVLMConfig
+from lmkit.pruning.vlm_config import ATTENTION_AND_MLP, StageSpec, TinyVLMConfig
 from lmkit.report import write_report
 
 IMAGE = "<image>"
@@ -48,7 +48,7 @@ SCENES = TinyVLMConfig()  # the recipe's scenes: 224 px, patch 14, 256 patches
 LORA = LoraConfig(
     r=16,
     lora_alpha=32,
-    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    target_modules=ATTENTION_AND_MLP,
 )
 
 
