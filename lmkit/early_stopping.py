@@ -41,15 +41,49 @@ def split_validation(rows: list[dict], fraction: float, seed: int) -> tuple[list
     return [r for i, r in enumerate(rows) if i in keep], [r for i, r in enumerate(rows) if i not in keep]
 
 
-class Validator:
-    """Tracks the validation loss; the caller saves weights when `update` reports an improvement."""
+class BestLoss:
+    """Tracks a validation loss: the best so far, where it was measured, and how many measurements
+    since it last improved (by more than `min_delta`). The caller keeps the weights on improvement."""
 
-    def __init__(self, config: EarlyStopping, rows: list[dict], collate: Callable[[list[dict]], dict]):
-        self.config, self.rows, self.collate = config, rows, collate
+    def __init__(self, patience: int, min_delta: float = 0.0):
+        self.patience, self.min_delta = patience, min_delta
         self.best_loss: float | None = None
         self.best_step = 0
         self.bad = 0
         self.losses: list[dict[str, float]] = []
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record `loss` at `step`; True when it is the best so far."""
+        self.losses.append({"step": step, "validation_loss": round(loss, 5)})
+        if self.best_loss is None or loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_step, self.bad = loss, step, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best_loss": self.best_loss,
+            "best_step": self.best_step,
+            "bad": self.bad,
+            "losses": self.losses,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_loss, self.best_step = state["best_loss"], state["best_step"]
+        self.bad, self.losses = state["bad"], state["losses"]
+
+
+class Validator(BestLoss):
+    """`BestLoss` over the loss of held-out rows (`train.early_stopping`)."""
+
+    def __init__(self, config: EarlyStopping, rows: list[dict], collate: Callable[[list[dict]], dict]):
+        super().__init__(config.patience, config.min_delta)
+        self.config, self.rows, self.collate = config, rows, collate
 
     @torch.no_grad()
     def loss(self, model: nn.Module, device: torch.device) -> float:
@@ -63,28 +97,3 @@ class Validator:
             count += len(chunk)
         model.train()
         return total / count
-
-    def update(self, step: int, loss: float) -> bool:
-        """Record `loss` at `step`; True when it is the best so far."""
-        self.losses.append({"step": step, "validation_loss": round(loss, 5)})
-        if self.best_loss is None or loss < self.best_loss - self.config.min_delta:
-            self.best_loss, self.best_step, self.bad = loss, step, 0
-            return True
-        self.bad += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.bad >= self.config.patience
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "best_loss": self.best_loss,
-            "best_step": self.best_step,
-            "bad": self.bad,
-            "losses": self.losses,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best_loss, self.best_step = state["best_loss"], state["best_step"]
-        self.bad, self.losses = state["bad"], state["losses"]

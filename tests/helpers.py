@@ -21,6 +21,7 @@ TINY_VLM = [
     "vlm.anchor_stage={steps: 10, batch_size: 2, lr: 1.0e-3}",
     "vlm.caption_stage={steps: 2, batch_size: 2, lr: 1.0e-3}",
     "vlm.align_stage={steps: 2, batch_size: 2, lr: 1.0e-3}",
+    "vlm.align_stopping={scenes: 2, every: 1, patience: 3}",
     "vlm.captions_per_step=1",
     "vlm.eval_questions=6",
 ]

@@ -59,10 +59,11 @@ def test_train_vlm_recipe_saves_a_llava_dir_the_loader_and_pruning_take(tmp_path
     assert set(results["vision_probe"]) == {"shape", "colour", "side"} | ({"phase"} if words else set())
     assert set(results["anchor_hits"]) == {"all"} | ({"colour", "shape", "side"} if words else set())
     assert all(0 <= v <= 1 for key in ("vision_probe", "anchor_hits") for v in results[key].values())
-    assert list(results["align_loss"]) == ["caption", "answers"]  # both phases ran, in that order
-    assert all(
-        curve["steps"] == 2 and len(curve["mean_per_chunk"]) == 2 for curve in results["align_loss"].values()
-    )
+    curves = results["align_loss"]
+    assert list(curves) == ["caption", "answers", "held_out"]  # both phases ran, in that order
+    for phase in ("caption", "answers"):
+        assert curves[phase]["steps"] == 2 and len(curves[phase]["mean_per_chunk"]) == 2
+    assert [m["step"] for m in curves["held_out"]["losses"]] == [1, 2]  # align_stopping measured each step
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["model_type"] == "llava" and config["text_config"]["num_hidden_layers"] == 1
     assert not list((tmp_path / "model").glob("adapter_*"))  # a LoRA is merged, not saved beside

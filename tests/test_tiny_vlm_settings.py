@@ -80,6 +80,11 @@ def test_a_saved_model_is_reused_only_by_the_settings_that_trained_it(tmp_path, 
     with pytest.raises(ConfigError, match=r"vlm\.lora\.r: saved 16, recipe None") as refused:
         check_trained_as(tmp_path, full, 0)
     assert "choose another output_dir" in str(refused.value)
+    del record["settings"]["vlm"]["align_stopping"]  # saved before stage 2 could stop: it ran every step
+    (tmp_path / TRAINING_RECORD).write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"vlm\.align_stopping\.every: saved None, recipe 1"):
+        check_trained_as(tmp_path, config, 0)
+    assert check_trained_as(tmp_path, config.model_copy(update={"align_stopping": None}), 0)
     (tmp_path / TRAINING_RECORD).write_text(json.dumps({"seconds": {}}))
     with pytest.raises(ConfigError, match="cannot be read as this lmkit's tiny-VLM settings"):
         check_trained_as(tmp_path, config, 0)

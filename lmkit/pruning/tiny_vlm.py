@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import random
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from rich.progress import track
 from transformers import CLIPVisionModel, LlavaConfig, LlavaProcessor
 from transformers import LlavaForConditionalGeneration as Llava
 
+from lmkit.early_stopping import BestLoss
 from lmkit.errors import ConfigError
 from lmkit.generation import format_prompt
 from lmkit.modeling import truncate_layers
@@ -181,36 +183,84 @@ def _trainable_groups(config: TinyVLMConfig, model: Llava) -> list[dict]:
     return [{"params": list(projector.parameters()), **rate}, {"params": lm}]
 
 
+def _answer_loss(model: Llava, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy on the labelled answer tokens only (no logits for the rest of the chat)."""
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    hidden = model.model(**batch).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    where = targets != -100
+    return F.cross_entropy(model.lm_head(hidden[where]).float(), targets[where])
+
+
+class HeldOutChats:
+    """`align_stopping`: the answer loss on fixed held-out chats (their own seed stream), and the
+    trainable weights at its best, restored when training ends."""
+
+    def __init__(self, config: TinyVLMConfig, processor: LlavaProcessor, seed: int) -> None:
+        stopping = config.align_stopping
+        assert stopping is not None
+        self.every, self.tracker = stopping.every, BestLoss(stopping.patience, stopping.min_delta)
+        chats = draw_conversations(random.Random(f"validate:{seed}"), stopping.scenes, config)
+        size = config.align_stage.batch_size
+        self.batches = [_answer_batch(processor, chats[i : i + size]) for i in range(0, len(chats), size)]
+        self.best: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def measure(self, model: Llava, step: int, last: bool) -> None:
+        """Every `every` steps and at the `last`: the held-out loss; the trainable weights kept when
+        it is the best."""
+        if step % self.every and not last:
+            return
+        model.eval()
+        loss = sum(float(_answer_loss(model, b)) for b in self.batches) / len(self.batches)
+        model.train()
+        if self.tracker.update(step, loss):
+            self.best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        best = self.tracker.best_loss
+        print(f"tiny VLM align step {step}: held-out loss {loss:.4f} (best {best:.4f})", flush=True)
+
+    @torch.no_grad()
+    def restore_best(self, model: Llava) -> dict[str, Any]:
+        """Put the best weights back; what was measured, for the results."""
+        parameters = dict(model.named_parameters())
+        for name, value in self.best.items():
+            parameters[name].copy_(value)
+        return self.tracker.state_dict()
+
+
 def align(
     config: TinyVLMConfig, model: Llava, processor: LlavaProcessor, seed: int
-) -> tuple[Llava, dict[str, list[float]]]:
+) -> tuple[Llava, dict[str, list[float]], dict[str, Any] | None]:
     """Stage 2: the projector and the LM (LoRA, or fully) first learn to caption the scenes
-    (`caption_stage`, if set), then to answer questions (`align_stage`); the tower stays frozen and a
-    LoRA is merged. Returns the model and each phase's loss per step."""
+    (`caption_stage`, if set), then to answer questions (`align_stage`, stopped early and rolled
+    back to its best held-out loss with `align_stopping`); the tower stays frozen and a LoRA is
+    merged. Returns the model, each phase's loss per step, and the held-out record (or None)."""
     torch.manual_seed(seed)
     groups = _trainable_groups(config, _wrap_lora(config, model))
     rng = random.Random(f"align:{seed}")
+    held_out = HeldOutChats(config, processor, seed) if config.align_stopping else None
     phases = {
-        "caption": (config.caption_stage, lambda count: draw_captions(rng, count, config)),
-        "answers": (config.align_stage, lambda count: draw_answer_batch(rng, count, config)),
+        "caption": (config.caption_stage, lambda count: draw_captions(rng, count, config), None),
+        "answers": (config.align_stage, lambda count: draw_answer_batch(rng, count, config), held_out),
     }
     losses: dict[str, list[float]] = {}
     model.train()
-    for name, (stage, draw) in phases.items():
+    for name, (stage, draw, watch) in phases.items():
         if stage is None:
             continue
         optimizer, losses[name] = StageOptimizer(groups, stage), []
-        for _ in track(range(stage.steps), description=f"tiny VLM: {name}"):
-            batch = _answer_batch(processor, draw(stage.batch_size))
-            labels = batch.pop("labels")
-            hidden = model.model(**batch).last_hidden_state[:, :-1]
-            targets = labels[:, 1:]
-            where = targets != -100
-            loss = F.cross_entropy(model.lm_head(hidden[where]).float(), targets[where])
+        for step in track(range(1, stage.steps + 1), description=f"tiny VLM: {name}"):
+            loss = _answer_loss(model, _answer_batch(processor, draw(stage.batch_size)))
             losses[name].append(optimizer.step(loss))
+            if watch is not None:
+                watch.measure(model, step, last=step == stage.steps)
+                if watch.tracker.should_stop:
+                    break
+    stopping = held_out.restore_best(model) if held_out is not None else None
     if config.lora is not None:
         model.model.language_model = model.model.language_model.merge_and_unload()
-    return model.eval(), losses
+    return model.eval(), losses, stopping
 
 
 @torch.inference_mode()

@@ -40,6 +40,9 @@ TRAINING_RECORD = "lmkit_train_vlm.json"  # in the model dir: what trained it, s
 
 
 NOT_IN_WEIGHTS = {"eval_questions": True, "lm": {"device_map": True}}  # free to differ on reuse
+# keys added after records were first saved whose default is not how those models were trained:
+# a record without one was trained as this value says (align_stopping came in with a longer stage 2)
+BEFORE_THE_KEY = {"align_stopping": None}
 
 
 def training_settings(config: TinyVLMConfig, seed: int) -> dict[str, Any]:
@@ -59,11 +62,13 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def _read_record(record_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The record, and its settings re-read through this version's config: keys added since get
-    their defaults, so only a real difference in training refuses the model."""
+    their defaults (or, in BEFORE_THE_KEY, the behaviour from before them), so only a real
+    difference in training refuses the model."""
     try:
         record = json.loads(record_file.read_text())
         settings = record["settings"]
-        return record, training_settings(TinyVLMConfig.model_validate(settings["vlm"]), settings["seed"])
+        vlm = {**BEFORE_THE_KEY, **settings["vlm"]}
+        return record, training_settings(TinyVLMConfig.model_validate(vlm), settings["seed"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(
             f"{record_file} cannot be read as this lmkit's tiny-VLM settings ({exc}). Fix: retrain into "
@@ -144,8 +149,10 @@ def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
             write_json_atomic(recipe.output_dir / "anchor_hits.json", hits)
             print(f"anchoring: patches nearest their own target {hits}", flush=True)  # before the long stage
         lap("lm_load_and_anchoring")
-        model, losses = align(config, model, processor, recipe.seed)
-        curves = {phase: loss_curve(values) for phase, values in losses.items()}
+        model, losses, held_out_loss = align(config, model, processor, recipe.seed)
+        curves: dict[str, Any] = {phase: loss_curve(values) for phase, values in losses.items()}
+        if held_out_loss is not None:
+            curves["held_out"] = held_out_loss  # kept weights: those at its best_step
         write_json_atomic(recipe.output_dir / "align_loss.json", curves)
         lap("align")
         record = {"settings": training_settings(config, recipe.seed), "seconds": seconds}
@@ -189,8 +196,8 @@ def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
         print(
             f"warning: the model answers {rows[-1][2]} against {rows[-1][3]} for the majority answer, less "
             f"than {READING_MARGIN} above it: it does not read the image, so pruning measured on it ranks "
-            "nothing. Retrain with more align_stage steps or another seed (stage 2 learns slowly on "
-            "some seeds; see align_loss.json)."
+            "nothing. Retrain with more align_stage steps (with align_stopping, the cap) or another seed "
+            "(stage 2 learns slowly on some seeds; see align_loss.json)."
         )
     notes = [
         f"model: {target} (LLaVA: CLIP-style tower {config.vision.layers} layers x "
