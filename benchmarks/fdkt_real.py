@@ -29,12 +29,18 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-from real_data import LEDGER, ROOT, bench_parser, ledgered, machine, missing
+from real_data import DATA, LEDGER, ROOT, bench_parser, ledgered, machine, missing
 from scipy import stats
 
 from lmkit.fdkt.config import FDKTConfig
 from lmkit.fdkt.privacy import ClientPrivacy
-from lmkit.fdkt.protocol import client_reports, client_synthesize, client_train, server_augment
+from lmkit.fdkt.protocol import (
+    client_reports,
+    client_synthesize,
+    client_train,
+    private_data,
+    server_augment,
+)
 from lmkit.fdkt.server import LocalLLM, server_embedder
 from lmkit.io import write_json_atomic
 from lmkit.recipes import load_recipe
@@ -91,9 +97,22 @@ def row_name(name: str, epsilon: float) -> str:
     return f"{name} (epsilon {label(epsilon)})"
 
 
+MAJORITY = "majority class (always the test set's most common label)"
+
+
+def majority_row(config: FDKTConfig) -> dict[str, float]:
+    """Each client's constant-predictor accuracy on its test set: no training, read from the data.
+    A model near it (see `predicted_share` in a client's metrics) has learned no task."""
+    out = {}
+    for partition, client in enumerate(config.clients):
+        labels = [r["label"] for r in private_data(config, partition).test]
+        out[client.name] = round(max(map(labels.count, set(labels))) / len(labels), 4)
+    return out
+
+
 def row_order(epsilons: list[float]) -> list[str]:
     """Every row the table can have, in the order it prints them."""
-    names = ["local only"]
+    names = [MAJORITY, "local only"]
     for epsilon in epsilons:
         variants = variants_at(epsilon)
         names += [row_name(name, epsilon) for name in variants]
@@ -126,7 +145,9 @@ def one_seed(
         return ledgered(kept / name, compute) if now or (kept / name).is_file() else None
 
     local = cell("local.json", lambda: train_all(config, {}, out / "local_only"))
-    rows = {"local only": {client: r["accuracy"] for client, r in local.items()}} if local else {}
+    rows = {MAJORITY: majority_row(config)} if DATA.is_dir() else {}
+    if local:
+        rows["local only"] = {client: r["accuracy"] for client, r in local.items()}
     audits, spent = {}, {}
     for epsilon in epsilons:
         now = measure and (measure_at is None or epsilon in measure_at)

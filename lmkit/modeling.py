@@ -86,17 +86,26 @@ class ClassifierOutput:
 
 
 @torch.inference_mode()
+@torch.no_grad()
+def predicted_classes(
+    model: nn.Module, rows: list[dict], collate: Callable[[list[dict]], dict], batch_size: int
+) -> tuple[list[int], list[int]]:
+    """(argmax class, gold `labels`) per row, for classification models returning `.logits`."""
+    model.eval()
+    predicted, gold = [], []
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size])
+        gold += batch.pop("labels").tolist()
+        predicted += model(**batch).logits.argmax(-1).tolist()
+    return predicted, gold
+
+
 def classification_accuracy(
     model: nn.Module, rows: list[dict], collate: Callable[[list[dict]], dict], batch_size: int
 ) -> float:
     """Share of rows whose argmax logit equals `labels` (classification models returning `.logits`)."""
-    model.eval()
-    hits = 0
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size])
-        labels = batch.pop("labels")
-        hits += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return round(hits / len(rows), 4)
+    predicted, gold = predicted_classes(model, rows, collate, batch_size)
+    return round(sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(rows), 4)
 
 
 @contextmanager

@@ -163,6 +163,7 @@ def test_no_private_value_crosses_the_boundary_and_a_dropout_does_not_stop_the_r
         metrics = json.loads((mine / "metrics.json").read_text())  # the client's own report, kept locally
         private.append(repr(metrics["accuracy"]))
         assert 0 <= metrics["accuracy"] <= 1 and metrics["test_records"] == 8
+        assert set(metrics["predicted_share"]) == set(data.labels) and 0 < metrics["majority_class"] <= 1
     crossed = json.dumps(sent)
     assert not [s for s in private if s in crossed]
     assert (tmp_path / "clients" / "restaurant" / "audit_round1.json").is_file()
@@ -174,7 +175,10 @@ def test_report_private_metrics_sends_them_and_says_so(tmp_path):
     sent: list[dict] = []
     results = run_inprocess(config, LocalLLM(config.server), tmp_path, sent)
     assert "membership_auc" in results["clients"]["restaurant"]["audit"]
-    assert 0 <= results["clients"]["restaurant"]["accuracy"] <= 1
+    reported = results["clients"]["restaurant"]
+    assert 0 <= reported["accuracy"] <= 1 and 0 <= reported["majority_class"] <= 1
+    shares = {k: v for k, v in reported.items() if k.startswith("predicted_share.")}  # flat, for Flower
+    assert len(shares) == len(private_data(config, 0).labels) and abs(sum(shares.values()) - 1) < 1e-3
     assert any(m.get("train_reply") for m in sent)
 
 
@@ -243,3 +247,14 @@ def test_flower_runner_without_flower_names_the_virtualenv_to_use(tmp_path, monk
     with pytest.raises(ConfigError, match="make setup-federated"):
         run_recipe(recipe)
     assert not (tmp_path / "stages").exists()  # refused before any training
+
+
+def test_test_scores_show_a_constant_predictor_for_what_it_is():
+    from lmkit.fdkt.client import test_scores
+
+    scores = test_scores([1, 1, 1, 1], [0, 1, 1, 2], ["negative", "positive", "neutral"])
+    assert scores == {
+        "accuracy": 0.5,
+        "majority_class": 0.5,  # the accuracy of always answering the test set's most common label
+        "predicted_share": {"negative": 0.0, "positive": 1.0, "neutral": 0.0},
+    }

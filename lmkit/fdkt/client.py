@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,7 +19,7 @@ from lmkit.errors import ModelSourceError
 from lmkit.fdkt.config import SynthConfig, TaskConfig
 from lmkit.io import write_dir_atomic
 from lmkit.loader import load_model, plain_copy
-from lmkit.modeling import ClassifierOutput, LMEncoder, classification_accuracy, truncate_layers
+from lmkit.modeling import ClassifierOutput, LMEncoder, predicted_classes, truncate_layers
 from lmkit.training import Trainer
 
 
@@ -84,11 +86,21 @@ def _rows(tokenizer, records: list[dict], labels: list[str], max_length: int) ->
     ]
 
 
+def test_scores(predicted: list[int], gold: list[int], labels: list[str]) -> dict[str, Any]:
+    """Accuracy, the constant predictor's (the test set's most common label), and the share of each
+    predicted label: a model near a constant predictor is not transfer, whatever its accuracy."""
+    return {
+        "accuracy": round(sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold), 4),
+        "majority_class": round(Counter(gold).most_common(1)[0][1] / len(gold), 4),
+        "predicted_share": {name: round(predicted.count(k) / len(gold), 4) for k, name in enumerate(labels)},
+    }
+
+
 def train_task_model(
     config: TaskConfig, train: list[dict], test: list[dict], labels: list[str], seed: int, out: Path
-) -> float:
+) -> dict[str, Any]:
     """Train the task model on `train`, save it to `out` (loadable with `load_task_model`), and
-    return its accuracy on `test`. Trainer checkpoints are scratch; the exported model is kept."""
+    return its `test_scores` on `test`. Trainer checkpoints are scratch; the exported model is kept."""
     loaded = load_model(config.model)
     torch.manual_seed(seed)  # the head's initialization: local-only and FDKT start from the same model
     model = truncate_layers(loaded.model, config.num_layers) if config.num_layers else loaded.model
@@ -100,9 +112,8 @@ def train_task_model(
     with tempfile.TemporaryDirectory() as scratch:
         Trainer(classifier, rows, collate, train_config, Path(scratch)).train()
     save_task_model(out, model, classifier, loaded.tokenizer, labels, train_config.max_length)
-    return classification_accuracy(
-        classifier, _rows(loaded.tokenizer, test, labels, train_config.max_length), collate, 16
-    )
+    test_rows = _rows(loaded.tokenizer, test, labels, train_config.max_length)
+    return test_scores(*predicted_classes(classifier, test_rows, collate, 16), labels)
 
 
 def save_task_model(

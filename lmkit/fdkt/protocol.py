@@ -96,8 +96,14 @@ def outgoing(data: ClientData, samples: list[dict], ledger: ClientPrivacy, delta
 
 
 def shared(config: FDKTConfig, private: dict[str, Any]) -> dict[str, Any]:
-    """What of a client's private metrics goes to the server: nothing unless the recipe opts in."""
-    return private if config.report_private_metrics else {}
+    """What of a client's private metrics goes to the server: nothing unless the recipe opts in.
+    Numbers only, as Flower's MetricRecord holds them: {"predicted_share": {"pos": 0.6}} travels as
+    {"predicted_share.pos": 0.6}."""
+    if not config.report_private_metrics:
+        return {}
+    flat = {k: v for k, v in private.items() if not isinstance(v, dict)}
+    nested = {f"{k}.{inner}": v for k, d in private.items() if isinstance(d, dict) for inner, v in d.items()}
+    return flat | nested
 
 
 @private_failures("synthesis")
@@ -152,7 +158,7 @@ def client_train(config: FDKTConfig, partition: int, augmented: list[dict], out:
     data = private_data(config, partition)
     mine = client_dir(out, config, partition)
     write_jsonl_atomic(mine / "augmented.jsonl", augmented)
-    accuracy = train_task_model(
+    scores = train_task_model(
         config.task,
         data.train + augmented,
         data.test,
@@ -160,7 +166,7 @@ def client_train(config: FDKTConfig, partition: int, augmented: list[dict], out:
         config.seed + partition,
         mine / "task_model",
     )
-    metrics = {"accuracy": accuracy, "test_records": len(data.test), "train_records": len(data.train)}
+    metrics = scores | {"test_records": len(data.test), "train_records": len(data.train)}
     write_json_atomic(mine / "metrics.json", metrics | {"augmented": len(augmented)})
     return shared(config, metrics)
 
