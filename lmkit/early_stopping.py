@@ -4,6 +4,7 @@ improvement, and the best weights (not the last) kept."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from typing import Any
@@ -53,9 +54,9 @@ class BestLoss:
         self.losses: list[dict[str, float]] = []
 
     def update(self, step: int, loss: float) -> bool:
-        """Record `loss` at `step`; True when it is the best so far."""
+        """Record `loss` at `step`; True when it is the best so far (a NaN or inf never is)."""
         self.losses.append({"step": step, "validation_loss": round(loss, 5)})
-        if self.best_loss is None or loss < self.best_loss - self.min_delta:
+        if math.isfinite(loss) and (self.best_loss is None or loss < self.best_loss - self.min_delta):
             self.best_loss, self.best_step, self.bad = loss, step, 0
             return True
         self.bad += 1

@@ -86,7 +86,6 @@ class ClassifierOutput:
 
 
 @torch.inference_mode()
-@torch.no_grad()
 def predicted_classes(
     model: nn.Module, rows: list[dict], collate: Callable[[list[dict]], dict], batch_size: int
 ) -> tuple[list[int], list[int]]:

@@ -249,10 +249,10 @@ def test_flower_runner_without_flower_names_the_virtualenv_to_use(tmp_path, monk
     assert not (tmp_path / "stages").exists()  # refused before any training
 
 
-def test_test_scores_show_a_constant_predictor_for_what_it_is():
-    from lmkit.fdkt.client import test_scores
+def test_scores_show_a_constant_predictor_for_what_it_is():
+    from lmkit.fdkt.client import score_predictions
 
-    scores = test_scores([1, 1, 1, 1], [0, 1, 1, 2], ["negative", "positive", "neutral"])
+    scores = score_predictions([1, 1, 1, 1], [0, 1, 1, 2], ["negative", "positive", "neutral"])
     assert scores == {
         "accuracy": 0.5,
         "majority_class": 0.5,  # the accuracy of always answering the test set's most common label

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from lmkit.loader import load_model
-from lmkit.pruning.tiny_vlm import HeldOutChats, _trainable_groups, _wrap_lora, align, assemble
+from lmkit.pruning.tiny_vlm import (
+    HeldOutChats,
+    _answer_loss,
+    _trainable_groups,
+    _wrap_lora,
+    align,
+    assemble,
+)
 from lmkit.pruning.tiny_vlm_vision import pretrain_vision
 from lmkit.recipes import load_recipe
 from tests.helpers import TINY_VLM
 
 
-def tiny_model(*overrides: str):
-    config = load_recipe("recipes/train_tiny_vlm.yaml", [*TINY_VLM, "vlm.lora=null", *overrides]).vlm
+def tiny_model(*overrides: str, lora: str = "null"):
+    config = load_recipe("recipes/train_tiny_vlm.yaml", [*TINY_VLM, f"vlm.lora={lora}", *overrides]).vlm
     loaded = load_model(config.lm)
     model, processor = assemble(config, pretrain_vision(config, 0)[0], loaded.model, loaded.tokenizer)
     return config, model, processor
@@ -22,8 +32,20 @@ def trainable(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_held_out_chats_measure_every_few_steps_and_restore_the_best_weights():
-    config, model, processor = tiny_model("vlm.align_stopping={scenes: 3, every: 2, patience: 1}")
+def worsen(model, batches) -> None:
+    """Gradient ascent on the held-out chats' loss: weights surely worse than the measured ones."""
+    for _ in range(5):
+        model.zero_grad()
+        sum(_answer_loss(model, batch) for batch in batches).backward()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    parameter.add_(parameter.grad / (parameter.grad.norm() + 1e-12))
+
+
+@pytest.mark.parametrize("lora", ["null", "{r: 4, alpha: 8, dropout: 0.0}"], ids=["full", "lora"])
+def test_held_out_chats_measure_every_few_steps_and_restore_the_best_weights(lora):
+    config, model, processor = tiny_model("vlm.align_stopping={scenes: 3, every: 2, patience: 1}", lora=lora)
     _trainable_groups(config, _wrap_lora(config, model))
     watch = HeldOutChats(config, processor, seed=0)
     assert len(watch.batches) == 2  # 3 scenes at align_stage's batch size 2
@@ -32,10 +54,7 @@ def test_held_out_chats_measure_every_few_steps_and_restore_the_best_weights():
     watch.measure(model, 2, last=False)
     best = trainable(model)
     assert watch.tracker.best_step == 2 and set(watch.best) == set(best)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(torch.randn_like(parameter) * 3)  # far worse weights
+    worsen(model, watch.batches)
     watch.measure(model, 3, last=True)  # the last step is always measured
     assert [m["step"] for m in watch.tracker.losses] == [2, 3] and watch.tracker.should_stop
     record = watch.restore_best(model)
@@ -48,11 +67,12 @@ def test_align_stops_when_the_held_out_loss_stops_falling():
     and ends on the weights of the best one."""
     config, model, processor = tiny_model(
         "vlm.caption_stage=null",
-        "vlm.align_stage={steps: 20, batch_size: 2, lr: 3.0}",
+        "vlm.align_stage={steps: 20, batch_size: 2, lr: 3.0, max_grad_norm: 1.0}",
         "vlm.align_stopping={scenes: 2, every: 2, patience: 2}",
     )
     model, losses, record = align(config, model, processor, seed=0)
     measured = [m["step"] for m in record["losses"]]
+    assert all(math.isfinite(m["validation_loss"]) for m in record["losses"])
     assert measured == list(range(2, measured[-1] + 1, 2)) and measured[-1] < 20  # stopped early
     assert len(losses["answers"]) == measured[-1]  # no step after the stop
     assert record["bad"] == 2 and record["best_step"] == measured[-3]

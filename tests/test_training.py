@@ -165,6 +165,9 @@ def test_validator_counts_measurements_without_improvement():
     assert not validator.should_stop and validator.best_step == 3
     validator.update(5, 0.91)
     assert validator.should_stop
+    diverged = Validator(EarlyStopping(patience=2), [], lambda rows: {})
+    assert not diverged.update(1, float("nan")) and diverged.best_loss is None  # never the best
+    assert diverged.update(2, 3.0) and diverged.best_step == 2
     train, held = split_validation([{"i": i} for i in range(10)], 0.2, seed=0)
     assert len(held) == 2 and sorted(r["i"] for r in train + held) == list(range(10))
     with pytest.raises(ConfigError, match="too few to hold out"):

@@ -86,7 +86,7 @@ def _rows(tokenizer, records: list[dict], labels: list[str], max_length: int) ->
     ]
 
 
-def test_scores(predicted: list[int], gold: list[int], labels: list[str]) -> dict[str, Any]:
+def score_predictions(predicted: list[int], gold: list[int], labels: list[str]) -> dict[str, Any]:
     """Accuracy, the constant predictor's (the test set's most common label), and the share of each
     predicted label: a model near a constant predictor is not transfer, whatever its accuracy."""
     return {
@@ -100,7 +100,7 @@ def train_task_model(
     config: TaskConfig, train: list[dict], test: list[dict], labels: list[str], seed: int, out: Path
 ) -> dict[str, Any]:
     """Train the task model on `train`, save it to `out` (loadable with `load_task_model`), and
-    return its `test_scores` on `test`. Trainer checkpoints are scratch; the exported model is kept."""
+    return its `score_predictions` on `test`. Trainer checkpoints are scratch; the exported model is kept."""
     loaded = load_model(config.model)
     torch.manual_seed(seed)  # the head's initialization: local-only and FDKT start from the same model
     model = truncate_layers(loaded.model, config.num_layers) if config.num_layers else loaded.model
@@ -113,7 +113,7 @@ def train_task_model(
         Trainer(classifier, rows, collate, train_config, Path(scratch)).train()
     save_task_model(out, model, classifier, loaded.tokenizer, labels, train_config.max_length)
     test_rows = _rows(loaded.tokenizer, test, labels, train_config.max_length)
-    return test_scores(*predicted_classes(classifier, test_rows, collate, 16), labels)
+    return score_predictions(*predicted_classes(classifier, test_rows, collate, 16), labels)
 
 
 def save_task_model(

@@ -121,8 +121,9 @@ class FDKTConfig(StrictModel):
     canary_repeats: int = Field(2, gt=0)
     report_private_metrics: bool = Field(
         False,
-        description="send each client's accuracy and audit to the server; default: clients write them "
-        "to their own output dir and only DP synthetic data and epsilon leave a client",
+        description="send each client's test scores (accuracy, majority-class rate, share of each "
+        "predicted label: they reveal its test set's label mix) and audit to the server; default: "
+        "clients write them to their own output dir and only DP synthetic data and epsilon leave a client",
     )
     fail_partitions: list[int] = Field([], description="clients that fail in round 1 (a dropout drill)")
     seed: int = 0

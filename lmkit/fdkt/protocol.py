@@ -4,7 +4,7 @@ Round r: each client DP-synthesizes demonstrations (`client_synthesize`) and sen
 `outgoing(...)`: synthetic texts and their labels, its public description (name, domain, label set)
 and its epsilon so far. The server clusters, filters and augments them (`server_augment`) and sends
 each client its augmented set; the client trains its task model on local + augmented data
-(`client_train`). What a client learns about itself (accuracy, the canary audit) goes to its own
+(`client_train`). What a client learns about itself (test scores, the canary audit) goes to its own
 output dir, `<stage>/clients/<name>/`, and to the server only with `report_private_metrics`.
 A client that fails is reported as dropped; the round goes on.
 """

@@ -145,7 +145,7 @@ def _notes(config: FDKTConfig, runs: dict[str, Any], names: list[str]) -> list[s
     if not config.dp.secure_mode:
         notes.append(f"WARNING: {INSECURE}")
     notes.append(
-        "private metrics (accuracy, canary audit) were sent to the server (report_private_metrics: true)"
+        "private metrics (test scores, canary audit) were sent to the server (report_private_metrics: true)"
         if config.report_private_metrics
         else "only DP synthetic data and epsilon left each client; accuracy and the audit were read "
         "from each client's own output dir (clients/<name>/)"

@@ -213,12 +213,15 @@ class HeldOutChats:
         if step % self.every and not last:
             return
         model.eval()
-        loss = sum(float(_answer_loss(model, b)) for b in self.batches) / len(self.batches)
+        tokens = [int((b["labels"][:, 1:] != -100).sum()) for b in self.batches]  # answer tokens
+        loss = sum(float(_answer_loss(model, b)) * n for b, n in zip(self.batches, tokens, strict=True))
+        loss /= sum(tokens)
         model.train()
         if self.tracker.update(step, loss):
             self.best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         best = self.tracker.best_loss
-        print(f"tiny VLM align step {step}: held-out loss {loss:.4f} (best {best:.4f})", flush=True)
+        shown = "none yet" if best is None else f"{best:.4f} at step {self.tracker.best_step}"
+        print(f"tiny VLM align step {step}: held-out loss {loss:.4f} (best {shown})", flush=True)
 
     @torch.no_grad()
     def restore_best(self, model: Llava) -> dict[str, Any]:
