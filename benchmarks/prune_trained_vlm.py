@@ -49,6 +49,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "uniform": {"method": "uniform"},
     "FastV": {"method": "fastv"},
 }
+SHORT = ["two-stage", "two-stage-kept", "pivotal", "complementary", "random", "uniform", "fastv"]
+SLUGS = dict(zip(SHORT, VARIANTS, strict=True))  # --methods names
 
 
 def batches(processor, items, size: int) -> list[dict[str, torch.Tensor]]:
@@ -107,6 +109,13 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the training recipe")
     parser.add_argument("--model", type=Path, default=ROOT / "runs" / "tiny_vlm" / "model")
     parser.add_argument("--keeps", type=int, nargs="+", default=[192, 128, 64, 32])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(SLUGS),
+        default=list(SLUGS),
+        help="variants to measure (default: all); random always runs, as the paired baseline",
+    )
     parser.add_argument("--questions", type=int, default=500)
     parser.add_argument("--fastv-layer", type=int, default=2, help="FastV's K (LM layers before the drop)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -127,12 +136,13 @@ def main() -> int:
     available = PrunedLlava(loaded.model, PruneConfig(method="none")).available
     rows = [["unpruned", available, *score(items, base["answers"], kinds), "-", 1.0, "-"]]
     first_token = _first_token_base(loaded, inputs)
+    chosen = {SLUGS[m]: VARIANTS[SLUGS[m]] for m in dict.fromkeys([*args.methods, "random"])}
     cells = {}
-    for name, settings in track(VARIANTS.items(), description="variants"):
+    for name, settings in track(chosen.items(), description="variants"):
         for keep in args.keeps:
             config = PruneConfig(keep=keep, seed=recipe.seed, fastv_layer=args.fastv_layer, **settings)
             cells[f"{name}@{keep}"] = run_cell(PrunedLlava(loaded.model, config), tokenizer, inputs)
-    for name, settings in VARIANTS.items():
+    for name, settings in chosen.items():
         for keep in args.keeps:
             cell = cells[f"{name}@{keep}"]
             reference = base["answers"] if settings["method"] != "fastv" else first_token
@@ -155,6 +165,7 @@ def main() -> int:
                 "python benchmarks/prune_trained_vlm.py --keeps",
                 *map(str, args.keeps),
                 f"--questions {args.questions} --fastv-layer {args.fastv_layer}",
+                *(["--methods", *args.methods] if args.methods != list(SLUGS) else []),
                 *args.overrides,
             ]
         )
