@@ -44,7 +44,7 @@ from lmkit.fdkt.protocol import (
 from lmkit.fdkt.server import LocalLLM, server_embedder
 from lmkit.io import write_json_atomic
 from lmkit.recipes import load_recipe
-from lmkit.report import write_report
+from lmkit.report import markdown_table, write_report, write_table
 
 RECIPE = ROOT / "recipes" / "real" / "fdkt_sentiment.yaml"
 PLANNED_SEEDS = [0, 1, 2, 3, 4]
@@ -292,16 +292,15 @@ def main() -> int:
     results = {"per_seed": per_seed, "table": table, "audit": audit_rows}
     write_report(Path(args.output) / "report", title, results, headers, table, notes)
     summary = (Path(args.output) / "report" / "summary.md").read_text()
-    from lmkit.report import markdown_table
-
     audit_md = markdown_table(["epsilon (target)", *AUDIT, "seeds"], audit_rows)
-    Path(args.table).write_text(
+    write_table(
+        Path(args.table),
         summary
         + "\n## Privacy audit\n\n"
         + audit_md
         + "\n\n"
         + "\n".join(f"- {n}" for n in audit_notes)
-        + "\n"
+        + "\n",
     )
     print(f"table: {args.table}")
     return 0

@@ -29,7 +29,7 @@ from real_data import machine, wilson
 from lmkit.evals.config import load_suite
 from lmkit.evals.runner import run_suite
 from lmkit.recipes import load_recipe, run_recipe
-from lmkit.report import write_report
+from lmkit.report import write_report, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -226,7 +226,7 @@ def main() -> int:
         notes,
     )
     table = Path(args.table)
-    table.write_text((Path(args.output) / "report" / "summary.md").read_text())
+    write_table(table, (Path(args.output) / "report" / "summary.md").read_text())
     print(f"table: {table}")
     return 0
 

@@ -29,7 +29,7 @@ from typing import Any
 from real_data import DATA, LEDGER, ROOT, bench_parser, ledgered, machine, mean_sd, missing
 
 from lmkit.recipes import load_recipe, run_recipe
-from lmkit.report import write_report
+from lmkit.report import write_report, write_table
 
 RECIPE = ROOT / "recipes" / "real" / "mola_tasks.yaml"
 TASKS = ["sst2", "ag_news", "rte", "boolq"]
@@ -128,7 +128,7 @@ def table(rows_per_task: int, output: Path, path: Path) -> None:
     write_report(
         output / "report", "MoLA on real tasks: exact match per task", {"cells": cells}, headers, rows, notes
     )
-    path.write_text((output / "report" / "summary.md").read_text())
+    write_table(path, (output / "report" / "summary.md").read_text())
 
 
 def main() -> int:

@@ -30,7 +30,7 @@ from lmkit.loader import AdapterSpec, ModelSpec, load_model
 from lmkit.pruning.text import TextPruneConfig
 from lmkit.pruning.text_recipe import measure_cells, time_cells
 from lmkit.recipes import load_recipe, run_recipe
-from lmkit.report import markdown_table, write_report
+from lmkit.report import markdown_table, write_report, write_table
 
 TOPICS = {1: "world", 2: "sports", 3: "business", 4: "technology"}
 TRAIN_ROWS = 600  # per source, for the task model; the prompts ask about the other rows only
@@ -313,7 +313,7 @@ def main() -> int:
     write_report(
         Path(args.output), "Long-prompt pruning on real inputs", {"sections": sections}, HEADERS, [], notes
     )
-    Path(args.table).write_text(text)
+    write_table(Path(args.table), text)
     print(text)
     return 0
 

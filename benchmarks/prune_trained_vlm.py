@@ -36,7 +36,7 @@ from lmkit.pruning.scenes import target_patches
 from lmkit.pruning.tiny_vlm import prompt
 from lmkit.pruning.vlm_recipe import ensure_trained, held_out
 from lmkit.recipes import load_recipe
-from lmkit.report import write_report
+from lmkit.report import write_report, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_tiny_vlm.yaml"
@@ -192,7 +192,7 @@ def main() -> int:
         "kept": {name: cell["kept"] for name, cell in cells.items() if cell["kept"]},
     }
     write_report(args.output, "Token pruning on the tiny VLM trained here", results, headers, rows, notes)
-    args.table.write_text((args.output / "summary.md").read_text())
+    write_table(args.table, (args.output / "summary.md").read_text())
     return 0
 
 

@@ -27,7 +27,7 @@ from real_data import DATA, ROOT, bench_parser, machine, mean_sd, missing
 from lmkit.rd.recipe import student_cost, train_probe, train_student
 from lmkit.rd.teacher import prepare
 from lmkit.recipes import load_recipe
-from lmkit.report import write_report
+from lmkit.report import write_report, write_table
 
 DATASETS = {
     "sst2": ("rd_sst2.yaml", ["sst2_train_5k.jsonl"], {"eval.source": "sst2_dev.jsonl"}),
@@ -180,7 +180,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[int, list[dict[str,
         table,
         notes,
     )
-    Path(args.table).write_text((output / "report" / "summary.md").read_text())
+    write_table(Path(args.table), (output / "report" / "summary.md").read_text())
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from lmkit.pruning.config import PruneConfig
 from lmkit.pruning.llava import PrunedLlava
 from lmkit.pruning.vlm_recipe import ensure_trained, held_out
 from lmkit.recipes import load_recipe
-from lmkit.report import write_report
+from lmkit.report import write_report, write_table
 from lmkit.serving.config import ServeConfig
 from lmkit.serving.process import ServerProcess
 
@@ -175,7 +175,7 @@ def main() -> int:
     ]
     (args.output / "answers.json").write_text(json.dumps(measured) + "\n")
     write_report(args.output, "Pruned tiny VLM served by vLLM", {"rows": rows}, headers, rows, notes)
-    args.table.write_text((args.output / "summary.md").read_text())
+    write_table(args.table, (args.output / "summary.md").read_text())
     return 0
 
 

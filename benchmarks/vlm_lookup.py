@@ -41,7 +41,7 @@ from lmkit.pruning.tiny_vlm import draw_scenes
 from lmkit.pruning.tiny_vlm_anchor import ANCHOR_WORDS, _anchor_targets, _word_vectors
 from lmkit.pruning.tiny_vlm_vision import StageOptimizer
 from lmkit.pruning.vlm_config import ATTENTION_AND_MLP, StageSpec, TinyVLMConfig
-from lmkit.report import write_report
+from lmkit.report import write_report, write_table
 
 IMAGE = "<image>"
 SCENES = TinyVLMConfig()  # the recipe's scenes: 224 px, patch 14, 256 patches
@@ -211,7 +211,7 @@ def report(args, held_out, kinds: list[str], rows: list[list], points: list[dict
     write_report(
         output, "The scene lookup without a tower: what the LM can read", results, headers, rows, notes
     )
-    Path(args.table).write_text((output / "summary.md").read_text())
+    write_table(Path(args.table), (output / "summary.md").read_text())
 
 
 if __name__ == "__main__":

@@ -47,3 +47,15 @@ def write_report(
         console.print(f"- {note}")
     shown = final_dir or output_dir
     console.print(f"Results: {shown / 'results.json'}, summary: {shown / 'summary.md'}")
+
+
+HAND_WRITTEN = "<!-- written by hand below this line: a rerun of the benchmark keeps it -->"
+
+
+def write_table(path: Path, generated: str) -> None:
+    """Write a benchmark's generated table to `path`, keeping what people wrote under an existing
+    file's HAND_WRITTEN line: a rerun refreshes the numbers without deleting their reading."""
+    path = Path(path)
+    old = path.read_text() if path.is_file() else ""
+    kept = old[old.index(HAND_WRITTEN) :] if HAND_WRITTEN in old else HAND_WRITTEN + "\n"
+    write_text_atomic(path, generated.rstrip("\n") + "\n\n" + kept)
