@@ -31,7 +31,7 @@ from lmkit.evals.runner import run_suite
 from lmkit.generation import format_prompt
 from lmkit.loader import ModelSpec, materialize
 from lmkit.recipes import load_recipe, run_recipe
-from lmkit.report import write_report
+from lmkit.report import write_report, write_table
 from lmkit.serving import ServerProcess, load_serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,7 +203,7 @@ def main() -> int:
         notes,
     )
     summary = (out / "summary.md").read_text()
-    Path(args.table).write_text(f"<!-- produced by: {command} (2 CPU cores) -->\n{summary}")
+    write_table(Path(args.table), f"<!-- produced by: {command} (2 CPU cores) -->\n{summary}")
     return 0
 
 
