@@ -99,12 +99,16 @@ def predicted_classes(
     return predicted, gold
 
 
+def accuracy(predicted: list[int], gold: list[int]) -> float:
+    """Share of equal pairs, to 4 places."""
+    return round(sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold), 4)
+
+
 def classification_accuracy(
     model: nn.Module, rows: list[dict], collate: Callable[[list[dict]], dict], batch_size: int
 ) -> float:
     """Share of rows whose argmax logit equals `labels` (classification models returning `.logits`)."""
-    predicted, gold = predicted_classes(model, rows, collate, batch_size)
-    return round(sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(rows), 4)
+    return accuracy(*predicted_classes(model, rows, collate, batch_size))
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from lmkit.errors import ModelSourceError
 from lmkit.fdkt.config import SynthConfig, TaskConfig
 from lmkit.io import write_dir_atomic
 from lmkit.loader import load_model, plain_copy
-from lmkit.modeling import ClassifierOutput, LMEncoder, predicted_classes, truncate_layers
+from lmkit.modeling import ClassifierOutput, LMEncoder, accuracy, predicted_classes, truncate_layers
 from lmkit.training import Trainer
 
 
@@ -90,7 +90,7 @@ def score_predictions(predicted: list[int], gold: list[int], labels: list[str]) 
     """Accuracy, the constant predictor's (the test set's most common label), and the share of each
     predicted label: a model near a constant predictor is not transfer, whatever its accuracy."""
     return {
-        "accuracy": round(sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold), 4),
+        "accuracy": accuracy(predicted, gold),
         "majority_class": round(Counter(gold).most_common(1)[0][1] / len(gold), 4),
         "predicted_share": {name: round(predicted.count(k) / len(gold), 4) for k, name in enumerate(labels)},
     }

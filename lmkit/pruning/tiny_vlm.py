@@ -204,6 +204,7 @@ class HeldOutChats:
         chats = draw_conversations(random.Random(f"validate:{seed}"), stopping.scenes, config)
         size = config.align_stage.batch_size
         self.batches = [_answer_batch(processor, chats[i : i + size]) for i in range(0, len(chats), size)]
+        self.tokens = [int((b["labels"][:, 1:] != -100).sum()) for b in self.batches]  # answer tokens
         self.best: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -213,9 +214,8 @@ class HeldOutChats:
         if step % self.every and not last:
             return
         model.eval()
-        tokens = [int((b["labels"][:, 1:] != -100).sum()) for b in self.batches]  # answer tokens
-        loss = sum(float(_answer_loss(model, b)) * n for b, n in zip(self.batches, tokens, strict=True))
-        loss /= sum(tokens)
+        losses = [float(_answer_loss(model, b)) * n for b, n in zip(self.batches, self.tokens, strict=True)]
+        loss = sum(losses) / sum(self.tokens)  # per answer token, whatever the batch sizes
         model.train()
         if self.tracker.update(step, loss):
             self.best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
