@@ -41,7 +41,7 @@ TRAINING_RECORD = "lmkit_train_vlm.json"  # in the model dir: what trained it, s
 
 NOT_IN_WEIGHTS = {"eval_questions": True, "lm": {"device_map": True}}  # free to differ on reuse
 # keys added after records were first saved whose default is not how those models were trained:
-# a record without one was trained as this value says (align_stopping came in with a longer stage 2)
+# a record without one was trained as this value says (pinned, so a later default cannot reinterpret it)
 BEFORE_THE_KEY = {"align_stopping": None}
 
 
