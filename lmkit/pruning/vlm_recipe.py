@@ -196,8 +196,8 @@ def run(recipe: TrainVLMRecipe, resume: bool) -> dict[str, Any]:
         print(
             f"warning: the model answers {rows[-1][2]} against {rows[-1][3]} for the majority answer, less "
             f"than {READING_MARGIN} above it: it does not read the image, so pruning measured on it ranks "
-            "nothing. Retrain with more align_stage steps (with align_stopping, the cap) or another seed "
-            "(stage 2 learns slowly on some seeds; see align_loss.json)."
+            "nothing. Retrain with another seed: stage 2 learns slowly on some seeds, and a longer stage 2 "
+            "did not rescue seed 1 (see align_loss.json and evals/results/tiny_vlm_training.md)."
         )
     notes = [
         f"model: {target} (LLaVA: CLIP-style tower {config.vision.layers} layers x "
