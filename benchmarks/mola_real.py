@@ -11,9 +11,10 @@ The table gives exact match per task, mean ± sd over seeds, and the router's ga
 
     python benchmarks/mola_real.py [--seeds 0 1 2] [--rows 500] [--cells single_lora mola_grad ...]
 
-Cost on 2 CPU cores: measured 2026-12-02, `single_lora` ran ~10 s per training step (validation
-every 25 steps included), so a cell (one variant, one seed) takes ~0.5 h if it stops early at ~200
-steps and ~1.7 h at the 600-step cap; a GPU session is the place for the full grid. Each finished
+Cost on 2 CPU cores: `single_lora` ran ~10 s per training step on 2026-12-02's machine and ~24 s
+on 2026-12-08's (AMD EPYC, AVX2 only, no bf16 units), validation every 25 steps aside, so a cell
+(one variant, one seed) takes 0.5-1.4 h if it stops early at ~200 steps and 1.7-4 h at the
+600-step cap; a GPU session is the place for the full grid. Each finished
 cell's numbers are committed under evals/results/raw/mola_real/, so the table grows across machines
 and sessions; the table is rewritten after every cell.
 """
