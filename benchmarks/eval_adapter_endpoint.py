@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import socket
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from real_data import machine
 from transformers import AutoTokenizer
 
 from lmkit.evals.config import load_suite
@@ -191,7 +191,7 @@ def main() -> int:
         "task: lmkit classification, prompt = the record in SmolLM2's chat template (as in training), "
         "choices positive/negative right after it, acc by log-likelihood; `agree` = share of examples "
         "with the same prediction as in-process",
-        f"machine: 2 CPU cores ({platform.machine()}), no GPU; `wall s` includes lm-eval overhead",
+        f"machine: {machine()}; `wall s` includes lm-eval overhead",
     ]
     results = {"runs": {k: {**v, "predictions": None} for k, v in runs.items()}, "gap": gap, "notes": notes}
     write_report(

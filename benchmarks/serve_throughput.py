@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
+from real_data import machine as describe_machine
 from w4a16_copy import write_w4a16_copy  # benchmarks/, next to this file
 
 from lmkit.loader import materialize
@@ -227,7 +227,7 @@ def _report(args, rates, ttfts, failed) -> None:
             row += [f"{per[b] / median[reference][b]:.2f}x" for b in args.batches]
         rows.append(row)
     rows += [[name, f"failed: {why}"] + [""] * (len(headers) - 2) for name, why in failed.items()]
-    machine = f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores"
+    machine = describe_machine()
     write_report(
         Path(args.output),
         f"CPU serving speed, {args.new_tokens} new tokens per request ({machine})",
